@@ -56,7 +56,7 @@ use crate::transport::MemKind;
 use copies::StartedCopies;
 use flow_trace::{flow_msg, lent_msg, trace_heard};
 use landing::LandingMemory;
-use life::ChannelLife;
+use life::{ChannelLife, IdleTime};
 use memory::EngineMemory;
 pub(crate) use memory::Reach;
 pub use pieces::{Piece, PieceRun};
@@ -128,6 +128,7 @@ struct Inner {
     /// The channels' lifetime (`life.rs`), and the listens made for the next ones until the
     /// peer's handles come.
     life: ChannelLife,
+    idle_time: IdleTime,
     listens: Option<(u64, super::establish::Listens)>,
     /// Device copies of inline payloads started and what waits for each (`copies.rs`).
     copies: StartedCopies,
@@ -412,6 +413,7 @@ impl Connection {
                 final_links: Vec::new(),
                 inline_landing: None,
                 life: ChannelLife::new(link.connector),
+                idle_time: IdleTime::new(renewal.idle_close),
                 listens: None,
                 copies: StartedCopies::default(),
             }),

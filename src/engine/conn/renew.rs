@@ -1,5 +1,6 @@
 //! A connection closing its idle channels and opening new ones, as `life.rs` decides: the
-//! progress thread asks a connector whose channels moved nothing for `Renewal::idle_close`; what
+//! progress thread asks a connector whose channels moved nothing for its idle time
+//! (`Renewal::idle_close`, lengthened by `life::IdleTime` where work came back soon); what
 //! the state asks of channels that are not open waits in `Inner::deferred` (never posted) and
 //! makes this end want new ones; the engine's setup thread (`setup_thread.rs`) connects and
 //! accepts them, and they take what waited. While channels are closed a deregistration's fence
@@ -22,14 +23,14 @@ impl Connection {
     /// The progress thread, about to park: a connector whose channels moved nothing for the idle
     /// time, with nothing in flight, asks the peer to close them. Returns when to ask again.
     pub(crate) fn close_if_idle(&self, now: Instant) -> Option<Instant> {
-        let idle = self.renewal.idle_close;
-        if idle.is_zero() || !self.link.connector {
+        if self.renewal.idle_close.is_zero() || !self.link.connector {
             return None;
         }
         let mut inner = self.inner.lock();
         if inner.state.failure().is_some() || !inner.life.is_open() {
             return None;
         }
+        let idle = inner.idle_time.get();
         let due = inner.state.last_heard() + idle;
         if now < due {
             return Some(due);
@@ -83,6 +84,9 @@ impl Connection {
                     }
                     // Nothing receives into the landing slots any more.
                     inner.state.channels_closed();
+                    if self.link.connector {
+                        inner.idle_time.closed(Instant::now());
+                    }
                     // What the comms freed (TCPX's buffers are the C library's heap) stays the
                     // process's unless handed back: the C library keeps freed pages for its next
                     // allocations.
@@ -94,6 +98,9 @@ impl Connection {
                     log::debug!("connection {} to {}: idle channels closed", self.id, self.peer.addr);
                 }
                 LifeAction::Listen { epoch } => {
+                    if self.link.connector {
+                        inner.idle_time.reopened(Instant::now());
+                    }
                     let (listens, handles) = Listens::for_channels(&*self.renewal.net, n)?;
                     inner.listens = Some((epoch, listens));
                     held.msgs.push(Control::OpenChannels { epoch, handles });
@@ -146,6 +153,12 @@ impl Connection {
     #[cfg(test)]
     pub(crate) fn holds_landing_memory(&self) -> bool {
         self.inner.lock().state.holds_landing_memory()
+    }
+
+    /// How long the channels idle before the connector parks them now.
+    #[cfg(test)]
+    pub(crate) fn idle_time(&self) -> std::time::Duration {
+        self.inner.lock().idle_time.get()
     }
 
     /// Where the channels' lifetime stands.

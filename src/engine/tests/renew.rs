@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{bytes, config, wait};
 use crate::config::{Config, TransportChoice};
-use crate::engine::conn::life::Life;
+use crate::engine::conn::life::{IdleTime, Life};
 use crate::engine::{Connection, Engine, OneSided};
 use crate::error::Result;
 
@@ -41,14 +41,15 @@ fn until(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 /// The connector `ab` asks to close its channels as the progress thread does once they idled
-/// past its idle time, again after an acceptor that still had something in flight kept them,
-/// until both ends closed them.
+/// past its idle time (however long channels wanted again soon made it), again after an acceptor
+/// that still had something in flight kept them, until both ends closed them.
 fn park(ab: &Connection, ba: &Connection) {
     let (a, b) = (ab.channel_renewals().0, ba.channel_renewals().0);
+    let past = NEVER * (IdleTime::MAX_FACTOR + 1);
     until("the channels never closed", || {
         let closed = ab.channel_renewals().0 == a + 1 && ba.channel_renewals().0 == b + 1;
         if !closed {
-            ab.close_if_idle(Instant::now() + 2 * NEVER);
+            ab.close_if_idle(Instant::now() + past);
         }
         closed
     });
@@ -77,6 +78,26 @@ fn write(from: &Engine, to: &Engine, conn: &Connection, src: &[u8], dst: &mut [u
     assert!(dst == src, "the write landed wrong");
     from.deregister(smr).unwrap();
     to.deregister(dmr).unwrap();
+}
+
+/// Channels wanted again within the idle time after they closed stay open twice as long before
+/// the connector parks them again (`life::IdleTime`); the acceptor's setting plays no part.
+#[test]
+fn channels_wanted_again_soon_idle_longer_before_the_next_close() {
+    let (a, b, ab, ba) = idle_pair(NEVER);
+    // Large enough to take the channels, not the control stream.
+    let len = 1 << 20;
+    let mut dst = vec![0u8; len];
+    write(&a, &b, &ab, &bytes(len, 1), &mut dst);
+    assert_eq!(ab.idle_time(), NEVER);
+    park(&ab, &ba);
+    write(&a, &b, &ab, &bytes(len, 2), &mut dst);
+    assert_eq!(ab.channel_renewals(), (1, 1), "closed once, opened again");
+    assert_eq!(ab.idle_time(), 2 * NEVER, "opened again within the idle time of the close");
+    park(&ab, &ba);
+    write(&a, &b, &ab, &bytes(len, 3), &mut dst);
+    assert_eq!(ab.idle_time(), 4 * NEVER);
+    assert_eq!(ba.idle_time(), NEVER, "the acceptor never parks: its own time stays");
 }
 
 /// Both ends close their channels once idle, and open new ones for the next transfer: the
