@@ -26,7 +26,7 @@ fn connections_cost_no_thread_one_control_descriptor_and_no_idle_cpu() {
     let mut target = vec![0u8; 4096];
     let tmr = b.register(target.as_mut_ptr() as usize, target.len()).unwrap();
     let item = b.prepare_fifo(tmr, target.as_mut_ptr() as usize, target.len()).unwrap();
-    let src = vec![7u8; 4096];
+    let mut src = vec![7u8; 4096];
     let smr = a.register(src.as_ptr() as usize, src.len()).unwrap();
     let mut conns: Vec<(Arc<Connection>, Arc<Connection>)> = Vec::new();
     let (mut threads_at, mut fds_at, mut rss_at) = (Vec::new(), Vec::new(), Vec::new());
@@ -34,10 +34,13 @@ fn connections_cost_no_thread_one_control_descriptor_and_no_idle_cpu() {
         while conns.len() < n {
             let ab = a.connect("127.0.0.1", "0", b.address().port()).unwrap();
             let ba = accept(&b).unwrap();
-            // Each connection moves bytes once (inline, and over its channels) before it idles.
+            // Each connection moves bytes of its own once (inline, and over its channels) before
+            // it idles; every byte is checked.
             for len in [8, 4096] {
+                src.fill((conns.len() * 2 + usize::from(len > 8)) as u8);
                 let w = ab.write(&[OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote: item }]).unwrap();
                 assert_eq!(wait(&ab, w).unwrap(), len as u64);
+                assert!(target[..len] == src[..len], "connection {}'s {len}-byte write landed wrong", conns.len());
             }
             conns.push((ab, ba));
         }

@@ -12,7 +12,7 @@
 
 use std::any::Any;
 use std::ffi::c_void;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use cudarc::driver::result;
 use cudarc::driver::sys::{self, CUcontext, CUdevice, CUdeviceptr, CUstream};
@@ -200,7 +200,6 @@ const STAGING_BYTES: usize = MAX_FRAGMENTS * PAGE;
 
 pub struct GpuRx {
     ctx: GpuContext,
-    stream: CUstream,
     meta_host: *mut c_void,
     /// The GPU's bounce pool, shared with the other receive comms bound to it.
     pool: Arc<SharedPool>,
@@ -222,7 +221,6 @@ unsafe impl Send for GpuRx {}
 pub fn rx_memory(gpu: GpuContext, pool: Arc<SharedPool>, copy: GpuCopy) -> Result<Box<dyn RxMemory>> {
     let mut rx = GpuRx {
         ctx: gpu,
-        stream: std::ptr::null_mut(),
         meta_host: std::ptr::null_mut(),
         pool,
         handle: 0,
@@ -250,7 +248,6 @@ pub fn rx_memory(gpu: GpuContext, pool: Arc<SharedPool>, copy: GpuCopy) -> Resul
         // SAFETY: out-pointers to locals/fields; sizes as documented.
         unsafe {
             cuda("cuCtxGetDevice", sys::cuCtxGetDevice(&mut rx.device))?;
-            cuda("cuStreamCreate", sys::cuStreamCreate(&mut rx.stream, 1 /* non-blocking */))?;
             cuda("cuMemHostAlloc(meta)", sys::cuMemHostAlloc(&mut rx.meta_host, meta_bytes, flags))?;
             std::ptr::write_bytes(rx.meta_host.cast::<u8>(), 0, meta_bytes);
             let mut meta_dev: CUdeviceptr = 0;
@@ -329,68 +326,114 @@ impl RxMemory for GpuRx {
         if self.sizes.is_empty() {
             return Ok(());
         }
+        let ctx = &self.ctx;
         if let Some(kernel) = &mut self.scatter {
-            let (staging, stream) = (self.staging, self.stream);
+            let staging = self.staging;
             let (dsts, srcs, sizes) = (&self.dsts, &self.srcs, &self.sizes);
-            return self.ctx.with(|| {
-                // SAFETY: every range was checked above; the context is current.
-                unsafe { kernel.scatter(staging, STAGING_BYTES, dsts, srcs, sizes, stream) }?;
-                // SAFETY: a stream created by this value.
-                cuda("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
+            return ctx.with(|| {
+                with_stream(ctx, |stream| {
+                    // SAFETY: every range was checked above; the context is current.
+                    unsafe { kernel.scatter(staging, STAGING_BYTES, dsts, srcs, sizes, stream) }?;
+                    // SAFETY: a stream this call holds.
+                    cuda("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
+                })
             });
         }
-        let (stream, device) = (self.stream, self.device);
+        let device = self.device;
         let (dsts, srcs, sizes, batch) = (&mut self.dsts, &mut self.srcs, &mut self.sizes, &mut self.batch);
-        self.ctx.with(|| {
-            let batched = match batch {
-                // SAFETY: every range was checked above; staging is pinned (host pointers are valid
-                // device addresses under unified addressing) and stays untouched until the
-                // synchronize below.
-                Some(b) => match unsafe { b.copy(dsts, srcs, sizes, device, stream) } {
-                    Ok(()) => true,
-                    Err(e) => {
-                        // Copies are idempotent: whatever part of the batch was queued is redone.
-                        crate::log::warn(&format!("{}; copying fragment by fragment from now on", e.msg));
-                        *batch = None;
-                        false
+        ctx.with(|| {
+            with_stream(ctx, |stream| {
+                let batched = match batch {
+                    // SAFETY: every range was checked above; staging is pinned (host pointers are valid
+                    // device addresses under unified addressing) and stays untouched until the
+                    // synchronize below.
+                    Some(b) => match unsafe { b.copy(dsts, srcs, sizes, device, stream) } {
+                        Ok(()) => true,
+                        Err(e) => {
+                            // Copies are idempotent: whatever part of the batch was queued is redone.
+                            crate::log::warn(&format!("{}; copying fragment by fragment from now on", e.msg));
+                            *batch = None;
+                            false
+                        }
+                    },
+                    None => false,
+                };
+                if !batched {
+                    for ((&dst, &src), &len) in dsts.iter().zip(srcs.iter()).zip(sizes.iter()) {
+                        // SAFETY: as above.
+                        cuda("cuMemcpyHtoDAsync", unsafe {
+                            sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, stream)
+                        })?;
                     }
-                },
-                None => false,
-            };
-            if !batched {
-                for ((&dst, &src), &len) in dsts.iter().zip(srcs.iter()).zip(sizes.iter()) {
-                    // SAFETY: as above.
-                    cuda("cuMemcpyHtoDAsync", unsafe {
-                        sys::cuMemcpyHtoDAsync_v2(dst, src as *const c_void, len, stream)
-                    })?;
                 }
-            }
-            // SAFETY: a stream created by this value.
-            cuda("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
+                // SAFETY: a stream this call holds.
+                cuda("cuStreamSynchronize", unsafe { sys::cuStreamSynchronize(stream) })
+            })
         })
     }
 }
 
-/// Waits for the copies queued on `stream` and destroys it; NULL (never created) is a no-op.
+/// Streams the comms borrow while they copy, per context, never destroyed. TCPX makes no CUDA
+/// stream (it only allocates), and a stream's GPU memory (0.5-1 MiB) stays with the driver once
+/// the stream is destroyed: comms with streams of their own left the GPU memory of the most comms
+/// that ever lived at once, which an engine's closed idle channels would then seem to hold.
+static STREAMS: Mutex<Vec<(usize, usize)>> = Mutex::new(Vec::new());
+
+fn streams() -> std::sync::MutexGuard<'static, Vec<(usize, usize)>> {
+    STREAMS.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A stream of `ctx` that nothing else uses until [`give_stream`]; `ctx` is current.
+pub fn take_stream(ctx: &GpuContext) -> Result<CUstream> {
+    let key = ctx.ctx as usize;
+    let idle = {
+        let mut all = streams();
+        all.iter().position(|&(c, _)| c == key).map(|at| all.swap_remove(at).1)
+    };
+    if let Some(stream) = idle {
+        return Ok(stream as CUstream);
+    }
+    let mut stream: CUstream = std::ptr::null_mut();
+    // SAFETY: an out-pointer to a local; the context is current.
+    cuda("cuStreamCreate", unsafe {
+        sys::cuStreamCreate(&mut stream, 1 /* non-blocking */)
+    })?;
+    Ok(stream)
+}
+
+/// Waits for what was queued on `stream` and gives it back for another comm; a stream whose work
+/// failed is destroyed instead. NULL is a no-op; `ctx` is current.
 ///
 /// # Safety
-/// `stream` is NULL or a stream of the current context that nothing uses afterwards.
-pub unsafe fn destroy_stream(stream: CUstream) {
-    if !stream.is_null() {
-        // SAFETY: per the contract; errors are moot in teardown.
-        unsafe {
-            let _ = sys::cuStreamSynchronize(stream);
-            let _ = sys::cuStreamDestroy_v2(stream);
-        }
+/// `stream` came from [`take_stream`] for `ctx` and is not used by the caller afterwards.
+pub unsafe fn give_stream(ctx: &GpuContext, stream: CUstream) {
+    if stream.is_null() {
+        return;
     }
+    // SAFETY: per the contract.
+    if unsafe { sys::cuStreamSynchronize(stream) } == sys::CUresult::CUDA_SUCCESS {
+        streams().push((ctx.ctx as usize, stream as usize));
+    } else {
+        // SAFETY: per the contract; nothing else holds it.
+        let _ = unsafe { sys::cuStreamDestroy_v2(stream) };
+    }
+}
+
+/// Runs `f` on a borrowed stream of `ctx`, which is current, and gives the stream back after it.
+pub fn with_stream<T>(ctx: &GpuContext, f: impl FnOnce(CUstream) -> Result<T>) -> Result<T> {
+    let stream = take_stream(ctx)?;
+    let out = f(stream);
+    // SAFETY: taken above for `ctx`, not used past this point.
+    unsafe { give_stream(ctx, stream) };
+    out
 }
 
 impl Drop for GpuRx {
     fn drop(&mut self) {
         let _ = self.ctx.with(|| {
-            // SAFETY: frees only what this value allocated (zero/NULL fields were never allocated).
+            // SAFETY: frees only what this value allocated (zero/NULL fields were never allocated);
+            // no copy of it is queued (each waited for its stream).
             unsafe {
-                destroy_stream(self.stream);
                 drop(self.scatter.take());
                 if self.handle != 0 {
                     let _ = sys::cuMemFree_v2(self.handle);
@@ -626,7 +669,7 @@ impl ScatterKernel {
 impl Drop for ScatterKernel {
     fn drop(&mut self) {
         // SAFETY: frees only what new made (null/zero fields were never allocated); the owner
-        // synchronised its stream first and runs this with the context current.
+        // waited for every scatter and runs this with the context current.
         unsafe {
             if self.scratch != 0 {
                 let _ = sys::cuMemFree_v2(self.scratch);

@@ -2,16 +2,16 @@
 //! writes them into the registered buffer at the request's offset (`dxs/client/recv-socket.h`
 //! `RecvLinearized` L75). Host memory (host mode, where CUDA registrations stand in for device
 //! memory) is written straight from the socket; device memory (GPU mode) through a pinned staging
-//! buffer and one copy on the comm's own stream before `test` reports the receive done. Everything
+//! buffer and one copy on a borrowed stream (`gpu::with_stream`) before `test` reports the receive done. Everything
 //! is allocated at accept: nothing is allocated or freed inside `test` (see `staging.rs` for why).
 
 use std::ffi::c_void;
 
-use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
+use cudarc::driver::sys::{self, CUdeviceptr};
 
 use crate::fail::{Fail, Result};
 use crate::fragment::{MAX_FRAGMENTS, PAGE};
-use crate::gpu::{GpuContext, cuda, destroy_stream};
+use crate::gpu::{GpuContext, cuda, with_stream};
 
 /// The largest GPU-mode receive: the same staging size as TCPX's receives in GPU mode (a limit of
 /// the fake; TCPXO has none below `int`).
@@ -25,7 +25,6 @@ pub struct Landing {
 
 struct DeviceLanding {
     ctx: GpuContext,
-    stream: CUstream,
     staging: *mut c_void,
 }
 
@@ -40,13 +39,12 @@ impl Landing {
 
     /// GPU mode: CUDA registrations are device memory of `ctx`'s GPU.
     pub fn gpu(ctx: GpuContext) -> Result<Landing> {
-        let mut d = DeviceLanding { ctx, stream: std::ptr::null_mut(), staging: std::ptr::null_mut() };
-        let (stream, staging) = (&mut d.stream, &mut d.staging);
+        let mut d = DeviceLanding { ctx, staging: std::ptr::null_mut() };
+        let staging = &mut d.staging;
         // On failure `d` is dropped, freeing what was made.
         d.ctx.with(|| {
-            // SAFETY: out-pointers to fields; the staging is DEVICE_STAGING_BYTES long.
+            // SAFETY: an out-pointer to a field; the staging is DEVICE_STAGING_BYTES long.
             unsafe {
-                cuda("cuStreamCreate", sys::cuStreamCreate(stream, 1 /* non-blocking */))?;
                 cuda(
                     "cuMemHostAlloc(receive staging)",
                     sys::cuMemHostAlloc(staging, DEVICE_STAGING_BYTES, sys::CU_MEMHOSTALLOC_PORTABLE),
@@ -83,18 +81,20 @@ impl Landing {
     /// staged.
     pub fn finish(&mut self, dst: usize, len: usize, device: bool) -> Result<()> {
         let Some(d) = self.gpu.as_ref().filter(|_| device && len > 0) else { return Ok(()) };
-        let (stream, staging) = (d.stream, d.staging);
+        let staging = d.staging;
         d.ctx.with(|| {
-            // SAFETY: `dst` lies in a CUDA registration of this comm's GPU that the irecv contract
-            // keeps valid until the receive is reported done; the staging holds the `len` bytes
-            // just received and is not written again before the synchronisation below.
-            unsafe {
-                cuda(
-                    "cuMemcpyHtoDAsync(posted buffer)",
-                    sys::cuMemcpyHtoDAsync_v2(dst as CUdeviceptr, staging, len, stream),
-                )?;
-                cuda("cuStreamSynchronize", sys::cuStreamSynchronize(stream))
-            }
+            with_stream(&d.ctx, |stream| {
+                // SAFETY: `dst` lies in a CUDA registration of this comm's GPU that the irecv
+                // contract keeps valid until the receive is reported done; the staging holds the
+                // `len` bytes just received and is not written again before the synchronisation.
+                unsafe {
+                    cuda(
+                        "cuMemcpyHtoDAsync(posted buffer)",
+                        sys::cuMemcpyHtoDAsync_v2(dst as CUdeviceptr, staging, len, stream),
+                    )?;
+                    cuda("cuStreamSynchronize", sys::cuStreamSynchronize(stream))
+                }
+            })
         })
     }
 }
@@ -102,9 +102,8 @@ impl Landing {
 impl Drop for DeviceLanding {
     fn drop(&mut self) {
         let _ = self.ctx.with(|| {
-            // SAFETY: frees only what `Landing::gpu` made; the stream is synchronised first.
+            // SAFETY: frees only what `Landing::gpu` made; every copy out of it was waited for.
             unsafe {
-                destroy_stream(self.stream);
                 if !self.staging.is_null() {
                     let _ = sys::cuMemFreeHost(self.staging);
                 }

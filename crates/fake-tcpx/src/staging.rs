@@ -19,7 +19,7 @@ use cudarc::driver::sys::{self, CUdeviceptr, CUstream};
 
 use crate::fail::Result;
 use crate::fragment::{MAX_FRAGMENTS, PAGE};
-use crate::gpu::{GpuContext, cuda, destroy_stream};
+use crate::gpu::{GpuContext, cuda, give_stream, take_stream};
 
 /// Room for two of the largest messages the fake can receive (2048 fragments of a page each, past
 /// which TCPX's receiver exits), so one can be copied while the other is written to the socket.
@@ -77,7 +77,8 @@ impl RingSpace {
     }
 }
 
-/// The pinned ring, its copy stream and one event per request slot.
+/// The pinned ring, one event per request slot, and a stream borrowed while copies are in the
+/// ring (`gpu::take_stream`: the comm holds none while idle).
 pub struct SendStaging {
     ctx: GpuContext,
     stream: CUstream,
@@ -104,12 +105,11 @@ impl SendStaging {
             space: RingSpace::new(SEND_STAGING_BYTES),
             slots: Vec::with_capacity(slots),
         };
-        let (stream, ring, list) = (&mut staging.stream, &mut staging.ring, &mut staging.slots);
+        let (ring, list) = (&mut staging.ring, &mut staging.slots);
         // On failure `staging` is dropped, freeing whatever was created so far.
         staging.ctx.with(|| {
             // SAFETY: out-pointers to fields/locals; the ring is SEND_STAGING_BYTES long.
             unsafe {
-                cuda("cuStreamCreate", sys::cuStreamCreate(stream, 1 /* non-blocking */))?;
                 cuda("cuMemHostAlloc(send staging)", sys::cuMemHostAlloc(ring, SEND_STAGING_BYTES, 0))?;
                 for _ in 0..slots {
                     let mut event = std::ptr::null_mut();
@@ -133,11 +133,15 @@ impl SendStaging {
     /// [given back](Self::give_back) in posting order.
     pub fn start(&mut self, slot: usize, src: usize, len: usize) -> Result<Option<usize>> {
         let Some(off) = self.space.take(len) else { return Ok(None) };
-        let stream = self.stream;
+        let (ctx, held) = (&self.ctx, &mut self.stream);
         let s = &mut self.slots[slot];
         s.off = off;
         let dst = self.ring.wrapping_byte_add(off);
-        self.ctx.with(|| {
+        ctx.with(|| {
+            if held.is_null() {
+                *held = take_stream(ctx)?;
+            }
+            let stream = *held;
             // SAFETY: [off, off + len) lies in the ring, taken for this request until it is given
             // back; `src` is inside a CUDA registration the caller keeps valid until the send
             // completes; the event is recorded right after on the same stream.
@@ -169,9 +173,23 @@ impl SendStaging {
         })
     }
 
-    /// The oldest started send's bytes are on the wire: its ring space is free again.
+    /// The oldest started send's bytes are on the wire: its ring space is free again, and the
+    /// stream goes back once the ring is empty.
     pub fn give_back(&mut self) {
         self.space.give_back();
+        if self.space.live() == 0 {
+            self.release_stream();
+        }
+    }
+
+    fn release_stream(&mut self) {
+        let stream = std::mem::replace(&mut self.stream, std::ptr::null_mut());
+        let ctx = &self.ctx;
+        let _ = ctx.with(|| {
+            // SAFETY: taken for this context by `start` (or NULL), no longer used here.
+            unsafe { give_stream(ctx, stream) };
+            Ok(())
+        });
     }
 
     /// Sends whose bytes are in the ring.
@@ -182,10 +200,11 @@ impl SendStaging {
 
 impl Drop for SendStaging {
     fn drop(&mut self) {
+        // Waits for its copies (a failed start may have left one) before the ring goes.
+        self.release_stream();
         let _ = self.ctx.with(|| {
             // SAFETY: frees only what this value created, after its copies finished.
             unsafe {
-                destroy_stream(self.stream);
                 if !self.ring.is_null() {
                     let _ = sys::cuMemFreeHost(self.ring);
                 }
