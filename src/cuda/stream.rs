@@ -1,5 +1,6 @@
 //! A stream and events of one GPU, created once and reused: the staging path issues every copy on
-//! its comm's stream and learns of completion through per-slot events, never by blocking.
+//! its ring's streams (shared per GPU, `shared_streams`) and learns of completion through per-slot
+//! events, never by blocking.
 
 use std::sync::{Arc, Mutex};
 

@@ -467,6 +467,7 @@ impl IpcState {
                 for r in &regions {
                     r.copy_ended();
                 }
+                self.give_back_queues();
                 Err(NotIssued::Failed(e))
             }
         }
