@@ -77,7 +77,7 @@ impl CopyQueue {
         Ok(queue)
     }
 
-    /// An idle queue of `gpu` (the last given back), else a new one.
+    /// An idle queue of `gpu` (the last given back, which kept its piece lists), else a new one.
     pub fn take(gpu: &Arc<Gpu>) -> Result<CopyQueue> {
         let mut idle = IDLE.lock().unwrap_or_else(|e| e.into_inner());
         match idle.iter().rposition(|q| q.gpu().ordinal() == gpu.ordinal()) {
@@ -103,6 +103,9 @@ impl CopyQueue {
             && let Ok(_ctx) = self.stream.gpu().enter()
         {
             kernel.trim();
+            // Behind the warm ones: `take` hands out the last first.
+            idle.insert(0, self);
+            return;
         }
         idle.push(self);
     }
