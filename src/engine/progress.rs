@@ -278,7 +278,12 @@ const CLOSE_CHECK_PASSES: u32 = 4096;
 /// (`Connection::close_if_idle`); how long until the next may.
 fn idle_closes(conns: &[Arc<Connection>]) -> Option<Duration> {
     let now = Instant::now();
-    conns.iter().filter_map(|c| c.close_if_idle(now)).min().map(|due| due.saturating_duration_since(now))
+    conns
+        .iter()
+        .flat_map(|c| [c.give_back_idle_landing(now), c.close_if_idle(now)])
+        .flatten()
+        .min()
+        .map(|due| due.saturating_duration_since(now))
 }
 
 /// Parks until woken: for at most [`CALLER_COPY_WATCH`] while callers' device copies are in flight,

@@ -362,6 +362,12 @@ impl RegionTable {
         Ok(region)
     }
 
+    /// A region outside the table (`internal`) went: channels sweep their registrations as after
+    /// a removal.
+    pub fn note_removal(&self) {
+        self.removals.fetch_add(1, Ordering::Release);
+    }
+
     pub fn removals(&self) -> Arc<AtomicU64> {
         self.removals.clone()
     }

@@ -16,6 +16,10 @@ use crate::transport::IoSeg;
 /// Landing slots: as many as the backlog a sender may hold unanswered.
 const SLOTS: usize = (MAX_INLINE_SEND_BACKLOG / EAGER_SLOT) as usize;
 const LANDING_LEN: usize = SLOTS * EAGER_SLOT as usize;
+/// How long a connection that heard nothing from its peer keeps landing memory no message is in:
+/// then it goes (4 MiB, page-locked on a GPU engine's first 64 connections), made again by the
+/// next message to land.
+pub(crate) const LANDING_IDLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Page-locked landing memory one process holds at most: 64 connections' worth. Later
 /// connections land in heap pages (committed only as messages land), whose copies to a device go
@@ -171,8 +175,7 @@ impl<R> Landings<R> {
         Landings { memory: None, make, free: all_slots(), by_flow: HashMap::new(), sent: HashMap::new(), landed: 0 }
     }
 
-    /// Whether the landing memory was made.
-    #[cfg(test)]
+    /// Whether the landing memory is made.
     pub fn has_memory(&self) -> bool {
         self.memory.is_some()
     }

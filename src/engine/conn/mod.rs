@@ -12,7 +12,7 @@
 mod api;
 mod copies;
 mod flow_trace;
-mod landing;
+pub(super) mod landing;
 pub(super) mod life;
 mod memory;
 mod pieces;

@@ -10,6 +10,7 @@ use std::time::Instant;
 
 use parking_lot::MutexGuard;
 
+use super::landing::LANDING_IDLE;
 use super::life::LifeAction;
 use super::{Connection, Held, Inner};
 use crate::engine::channel::Channel;
@@ -43,6 +44,28 @@ impl Connection {
         if let Err(e) = self.release(&mut inner, held) {
             self.fail(&mut inner, e);
         }
+        None
+    }
+
+    /// The progress thread's idle pass, on any transport: landing memory that no message is in
+    /// goes once the connection heard nothing from its peer for [`LANDING_IDLE`]; the channels
+    /// that registered it drop their registrations at their next pass. Returns when to look again.
+    pub(crate) fn give_back_idle_landing(&self, now: Instant) -> Option<Instant> {
+        let mut inner = self.inner.lock();
+        if inner.state.failure().is_some() || !inner.state.holds_landing_memory() {
+            return None;
+        }
+        let due = inner.state.last_heard() + LANDING_IDLE;
+        if now < due {
+            return Some(due);
+        }
+        if !inner.state.give_back_landing() {
+            // A message waits in it for its receive.
+            return Some(now + LANDING_IDLE);
+        }
+        // Channels sweep registrations of regions gone when the table's removals moved.
+        self.core.regions.note_removal();
+        log::debug!("connection {} to {}: idle landing memory given back", self.id, self.peer.addr);
         None
     }
 
@@ -83,7 +106,7 @@ impl Connection {
                         }
                     }
                     // Nothing receives into the landing slots any more.
-                    inner.state.channels_closed();
+                    inner.state.give_back_landing();
                     if self.link.connector {
                         inner.idle_time.closed(Instant::now());
                     }

@@ -100,6 +100,40 @@ fn channels_wanted_again_soon_idle_longer_before_the_next_close() {
     assert_eq!(ba.idle_time(), NEVER, "the acceptor never parks: its own time stays");
 }
 
+/// Landing memory goes once the connection idled with no message in it, channels open, on the
+/// socket transport too, and comes back with the next message to land: a message waiting in it
+/// for its receive keeps it. Every byte lands.
+#[test]
+fn idle_landing_memory_goes_and_comes_back_with_the_next_message() {
+    use crate::engine::conn::landing::LANDING_IDLE;
+    let (a, b, ab, ba) = idle_pair(NEVER);
+    let len = 512 << 10;
+    let (mut got, msgs) = (vec![0u8; len], [bytes(len, 21), bytes(len, 22)]);
+    let gmr = b.register(got.as_mut_ptr() as usize, len).unwrap();
+    for (i, msg) in msgs.iter().enumerate() {
+        let smr = a.register(msg.as_ptr() as usize, len).unwrap();
+        let s = ab.send(&[(smr, msg.as_ptr() as usize, len)]).unwrap();
+        until("the message never landed", || ba.stats().landed == i as u64 + 1);
+        assert!(ba.holds_landing_memory(), "message {i} landed in landing memory");
+        let later = Instant::now() + 2 * LANDING_IDLE;
+        assert!(ba.give_back_idle_landing(later).is_some(), "a message waiting in it keeps it");
+        assert!(ba.holds_landing_memory());
+        let r = ba.recv(gmr, got.as_mut_ptr() as usize, len).unwrap();
+        assert_eq!((wait(&ba, r), wait(&ab, s)), (len as u64, len as u64));
+        assert!(got == *msg, "message {i} arrived wrong");
+        a.deregister(smr).unwrap();
+        let now = Instant::now();
+        assert!(ba.give_back_idle_landing(now).is_some(), "not idle long enough yet");
+        assert!(ba.holds_landing_memory());
+        assert_eq!(ba.give_back_idle_landing(now + 2 * LANDING_IDLE), None);
+        assert!(!ba.holds_landing_memory(), "idle with nothing in it: given back");
+        assert_eq!(ba.open_channels(), 2, "the channels stay open");
+    }
+    // The channels still carry transfers after the landing memory's registrations went.
+    let mut dst = vec![0u8; 1 << 20];
+    write(&a, &b, &ab, &bytes(1 << 20, 23), &mut dst);
+}
+
 /// Both ends close their channels once idle, and open new ones for the next transfer: the
 /// connector's own, then the acceptor's (which asks the connector). Every byte lands.
 #[test]

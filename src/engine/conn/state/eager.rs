@@ -30,15 +30,13 @@ impl ConnState {
         }
     }
 
-    /// The channels closed: landing memory no message holds goes until one lands again.
-    pub fn channels_closed(&mut self) {
-        if let Some(l) = self.eager.as_mut() {
-            l.give_back();
-        }
+    /// Landing memory no message is in or on its way to goes until one lands again (the channels
+    /// closed, or the connection idled); whether it went.
+    pub fn give_back_landing(&mut self) -> bool {
+        self.eager.as_mut().is_some_and(|l| l.give_back())
     }
 
-    /// Whether this connection made its landing memory.
-    #[cfg(test)]
+    /// Whether this connection holds its landing memory now.
     pub fn holds_landing_memory(&self) -> bool {
         self.eager.as_ref().is_some_and(Landings::has_memory)
     }
