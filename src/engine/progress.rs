@@ -271,10 +271,11 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
     }
 }
 
-/// Passes between looks at the clock for idle channels to close while the thread does not park.
+/// Passes between looks at the clock for idle memory and channels while the thread does not park.
 const CLOSE_CHECK_PASSES: u32 = 4096;
 
-/// Has the connectors whose channels stayed idle long enough close them
+/// Has the connections that stayed idle long enough give back their landing memory
+/// (`Connection::give_back_idle_landing`) and the connectors among them close their channels
 /// (`Connection::close_if_idle`); how long until the next may.
 fn idle_closes(conns: &[Arc<Connection>]) -> Option<Duration> {
     let now = Instant::now();
