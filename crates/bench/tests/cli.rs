@@ -341,3 +341,36 @@ fn kv_block_tables_move_checked_bytes_on_both_paths() {
     let refused = bench(&["--sizes", "1M", "--num-iovs", "64", "--kv-regions", "4"]);
     assert!(!refused.status.success() && text(&refused).contains("--kv"), "{}", text(&refused));
 }
+
+/// `scripts/fan_out.sh` on host memory: a table for the staged and same-host paths and for the
+/// plugin over the fake (kept open and closed once idle, where `cargo build -p fake-tcpx` put the
+/// fake beside the bench), each followed by what a connection added between the two counts.
+#[test]
+fn fan_out_script_runs_every_path() {
+    let bench = env!("CARGO_BIN_EXE_uccl-tcpx-bench");
+    let fake = std::path::Path::new(bench).with_file_name("libfake_tcpx.so");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/fan_out.sh");
+    let out = Command::new("bash")
+        .args([script, bench])
+        .env("FAN_OUT_DEVICE", "cpu")
+        .env("FAN_OUT_COUNTS", "1,2")
+        .env("FAN_OUT_PLUGIN_COUNTS", "1,2")
+        .env("FAN_OUT_IDLE_SECS", "0.2")
+        .env_remove("UCCL_TCPX_DISABLE_IPC")
+        .output()
+        .expect("bash starts");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(stdout.contains("fan_out: all ran"), "{stdout}");
+    let paths: &[&str] = if fake.exists() {
+        &["staged", "same-host", "plugin-open", "plugin-idle"]
+    } else {
+        assert!(stdout.contains("the plugin runs skipped"), "{stdout}");
+        &["staged", "same-host"]
+    };
+    for path in paths {
+        assert!(stdout.contains(&format!("======== {path}:")), "{path}: {stdout}");
+    }
+    let added = stdout.lines().filter(|l| l.contains("1 -> 2 connections, each: RSS")).count();
+    assert_eq!(added, paths.len(), "one line of what a connection added per path: {stdout}");
+}
