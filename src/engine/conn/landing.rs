@@ -56,8 +56,8 @@ impl PinBudget {
 }
 
 /// Host memory a connection lands eager messages in, registered with its channels like a caller's
-/// region but never advertised. The connection keeps it until its channels are closed, so no
-/// transport writes into it once freed. On an engine serving a GPU it is page-locked (within
+/// region but never advertised. The connection keeps it while a message is in it or on its way
+/// (the only time a channel receives into it), so no transport writes into it once freed. On an engine serving a GPU it is page-locked (within
 /// [`PINNED_LANDINGS_MAX`]): a message landed for a receive in device memory then goes there in
 /// one DMA per run of slots.
 pub(crate) struct LandingMemory {
@@ -246,8 +246,8 @@ impl<R> Landings<R> {
         Ok(())
     }
 
-    /// Lets the memory go when no message is in it or on its way (the channels that received
-    /// into it are closed): the next message to land makes it again. Whether it went.
+    /// Lets the memory go when no message is in it or on its way: the next message to land makes
+    /// it again. Whether it went.
     pub fn give_back(&mut self) -> bool {
         if !self.by_flow.is_empty() || self.free.len() != SLOTS {
             return false;
