@@ -274,17 +274,12 @@ fn run(list: &ConnList, stop: &AtomicBool, waker: &Waker, watch: Duration, idle_
 /// Passes between looks at the clock for idle memory and channels while the thread does not park.
 const CLOSE_CHECK_PASSES: u32 = 4096;
 
-/// Has the connections that stayed idle long enough give back their landing memory
-/// (`Connection::give_back_idle_landing`) and the connectors among them close their channels
-/// (`Connection::close_if_idle`); how long until the next may.
+/// Has the connections that stayed idle long enough give back their landing memory and the
+/// connectors among them close their channels (`Connection::idle_pass`); how long until the next
+/// may.
 fn idle_closes(conns: &[Arc<Connection>]) -> Option<Duration> {
     let now = Instant::now();
-    conns
-        .iter()
-        .flat_map(|c| [c.give_back_idle_landing(now), c.close_if_idle(now)])
-        .flatten()
-        .min()
-        .map(|due| due.saturating_duration_since(now))
+    conns.iter().filter_map(|c| c.idle_pass(now)).min().map(|due| due.saturating_duration_since(now))
 }
 
 /// Parks until woken: for at most [`CALLER_COPY_WATCH`] while callers' device copies are in flight,

@@ -21,13 +21,34 @@ use crate::error::{Error, Result};
 use crate::proto::Control;
 
 impl Connection {
-    /// The progress thread, about to park: a connector whose channels moved nothing for the idle
-    /// time, with nothing in flight, asks the peer to close them. Returns when to ask again.
+    /// The progress thread's idle pass over this connection, under one hold of its lock: landing
+    /// memory that idled goes (`give_back_landing_if_idle`), and a connector whose channels idled
+    /// asks the peer to close them (`close_channels_if_idle`). Returns when to look again.
+    pub(crate) fn idle_pass(&self, now: Instant) -> Option<Instant> {
+        let mut inner = self.inner.lock();
+        let landing = self.give_back_landing_if_idle(&mut inner, now);
+        let channels = self.close_channels_if_idle(&mut inner, now);
+        landing.into_iter().chain(channels).min()
+    }
+
+    /// `idle_pass`'s channel part alone.
+    #[cfg(test)]
     pub(crate) fn close_if_idle(&self, now: Instant) -> Option<Instant> {
+        self.close_channels_if_idle(&mut self.inner.lock(), now)
+    }
+
+    /// `idle_pass`'s landing part alone.
+    #[cfg(test)]
+    pub(crate) fn give_back_idle_landing(&self, now: Instant) -> Option<Instant> {
+        self.give_back_landing_if_idle(&mut self.inner.lock(), now)
+    }
+
+    /// A connector whose channels moved nothing for the idle time, with nothing in flight, asks
+    /// the peer to close them. Returns when to ask again.
+    fn close_channels_if_idle(&self, inner: &mut Inner, now: Instant) -> Option<Instant> {
         if self.renewal.idle_close.is_zero() || !self.link.connector {
             return None;
         }
-        let mut inner = self.inner.lock();
         if inner.state.failure().is_some() || !inner.life.is_open() {
             return None;
         }
@@ -36,22 +57,21 @@ impl Connection {
         if now < due {
             return Some(due);
         }
-        if !self.parkable(&inner) {
+        if !self.parkable(inner) {
             return Some(now + idle);
         }
         let msg = inner.life.idle()?;
         let held = Held { msgs: vec![msg], ..Held::default() };
-        if let Err(e) = self.release(&mut inner, held) {
-            self.fail(&mut inner, e);
+        if let Err(e) = self.release(inner, held) {
+            self.fail(inner, e);
         }
         None
     }
 
-    /// The progress thread's idle pass, on any transport: landing memory that no message is in
-    /// goes once the connection heard nothing from its peer for [`LANDING_IDLE`]; the channels
-    /// that registered it drop their registrations at their next pass. Returns when to look again.
-    pub(crate) fn give_back_idle_landing(&self, now: Instant) -> Option<Instant> {
-        let mut inner = self.inner.lock();
+    /// On any transport, landing memory that no message is in goes once the connection heard
+    /// nothing from its peer for [`LANDING_IDLE`]; the channels that registered it drop their
+    /// registrations at their next pass. Returns when to look again.
+    fn give_back_landing_if_idle(&self, inner: &mut Inner, now: Instant) -> Option<Instant> {
         if inner.state.failure().is_some() || !inner.state.holds_landing_memory() {
             return None;
         }
