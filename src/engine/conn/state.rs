@@ -390,6 +390,9 @@ pub(super) struct ConnState {
     flows: HashMap<u64, Flow>,
     /// Reads we serve, by the peer's op id: flow id.
     serving: HashMap<u64, u64>,
+    /// Served reads we denied that ended before the reader's Resume came (their last chunks were
+    /// already with the transport when the hold was asked): that Resume is owed, not a violation.
+    resume_owed: HashSet<u64>,
     /// Our reads whose data is coming (flow id = op id); the server may deny one until it ends.
     reading: HashSet<u64>,
     failure: Option<Error>,
@@ -425,6 +428,7 @@ impl ConnState {
             eager: None,
             flows: HashMap::new(),
             serving: HashMap::new(),
+            resume_owed: HashSet::new(),
             reading: HashSet::new(),
             failure: None,
             last_heard: now,
@@ -1203,6 +1207,9 @@ impl ConnState {
                 self.chunk_finished(flow, mem, out)
             }
             Control::Resume { xfer } => {
+                if self.resume_owed.remove(&xfer) {
+                    return Ok(());
+                }
                 let flow = *self.serving.get(&xfer).ok_or_else(|| unknown_op("Resume", xfer))?;
                 let f = self.flows.get_mut(&flow).ok_or_else(|| unknown_flow(flow))?;
                 if !f.held {
@@ -1267,6 +1274,9 @@ impl ConnState {
                 }
                 OnDone::Served(peer_op) => {
                     self.serving.remove(&peer_op);
+                    if f.held {
+                        self.resume_owed.insert(peer_op);
+                    }
                 }
                 OnDone::Ack(peer_op) => out.push(Action::Send(answer(peer_op))),
                 OnDone::PartAndAck(ref t, peer_op) => {

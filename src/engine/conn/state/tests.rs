@@ -1287,6 +1287,31 @@ fn a_read_cut_at_the_server_is_denied_before_its_remaining_chunks_go() {
     not_allowed(a.outcome(&t2));
 }
 
+/// A cut read whose last chunks were already with the transport when the hold was asked ends at
+/// the server before the reader's Resume comes: that Resume is owed and taken, once; a second is a
+/// violation.
+#[test]
+fn a_resume_for_a_denied_read_that_ended_meanwhile_is_taken() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let dst = a.buffer(4 * CHUNK, |_| 0);
+    let src = b.buffer(4 * CHUNK, pattern(24));
+    a.one_sided(false, &[(&dst, 0, &src, 0, 4 * CHUNK)]);
+    let Some(&Control::ReadRequest { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    pump_messages_only(&mut a, &mut b);
+    let served = b.sending.first_key_value().unwrap().1.flow;
+    b.cut(&src).unwrap();
+    assert_eq!(b.held, [served]);
+    // The channel had every chunk already: they all finish, and the flow with them.
+    let mut out = Vec::new();
+    for _ in 0..4 {
+        b.st.chunk_sent(served);
+        b.st.chunk_finished(served, &b.mem, &mut out).unwrap();
+    }
+    b.handle(Control::Resume { xfer }).expect("the Resume the Deny asked for");
+    let err = b.handle(Control::Resume { xfer }).unwrap_err();
+    assert!(err.message().contains("unknown id"), "{err}");
+}
+
 #[test]
 fn a_peer_reusing_a_served_read_id_or_resuming_unasked_fails_the_connection() {
     let (mut a, mut b) = (End::new(), End::new());
