@@ -42,6 +42,10 @@ pub(crate) use offer::{DeviceRecv, IpcOffer, IpcSource};
 /// Announced sends the peer may queue ahead of our receives before it is treated as hostile.
 const MAX_UNMATCHED_ANNOUNCES: usize = 1 << 16;
 
+/// Ended reads remembered for a late Deny: the Deny leaves at the cut, within the drive pass that
+/// sent the last chunks, so only the reads ending while it crosses the control stream need it.
+const ENDED_READS_KEPT: usize = 64;
+
 /// Chunks of the peer's refused writes we may be receiving into scratch memory at once. A write's
 /// chunks follow its request unasked, so a peer holding no capability could otherwise make us queue
 /// chunks without end; this is room for two maximal requests at the smallest chunk size (a queued
@@ -395,6 +399,9 @@ pub(super) struct ConnState {
     resume_owed: HashSet<u64>,
     /// Our reads whose data is coming (flow id = op id); the server may deny one until it ends.
     reading: HashSet<u64>,
+    /// The last reads of ours that ended (at most `ENDED_READS_KEPT`): a Deny the server sent
+    /// before it saw their last chunks go may still come.
+    ended_reads: VecDeque<u64>,
     failure: Option<Error>,
     /// Last time the peer showed life: a control message or a finished chunk.
     last_heard: Instant,
@@ -430,6 +437,7 @@ impl ConnState {
             serving: HashMap::new(),
             resume_owed: HashSet::new(),
             reading: HashSet::new(),
+            ended_reads: VecDeque::new(),
             failure: None,
             last_heard: now,
             same_host: SameHost::default(),
@@ -1139,7 +1147,14 @@ impl ConnState {
                     self.flows.get_mut(&xfer).ok_or_else(|| unknown_flow(xfer))?.error.get_or_insert(err);
                     out.push(Action::Send(Control::Resume { xfer }));
                 } else if !self.with_same_host(out, |sh, net| sh.denied(xfer, err, net)) {
-                    return Err(unknown_op("Deny", xfer));
+                    let Some(at) = self.ended_reads.iter().position(|&r| r == xfer) else {
+                        return Err(unknown_op("Deny", xfer));
+                    };
+                    // A read of ours that ended on chunks the server's transport had taken before
+                    // the cut (the server counts chunks sent after its channels do): its bytes left
+                    // before the region went, and the server holds the flow's Resume owed.
+                    self.ended_reads.remove(at);
+                    out.push(Action::Send(Control::Resume { xfer }));
                 }
                 Ok(())
             }
@@ -1269,7 +1284,12 @@ impl ConnState {
             };
             match f.on_done {
                 OnDone::Part(t) => {
-                    self.reading.remove(&flow);
+                    if self.reading.remove(&flow) {
+                        if self.ended_reads.len() == ENDED_READS_KEPT {
+                            self.ended_reads.pop_front();
+                        }
+                        self.ended_reads.push_back(flow);
+                    }
                     out.push(Action::Finish(t, outcome));
                 }
                 OnDone::Served(peer_op) => {
@@ -1312,6 +1332,7 @@ impl ConnState {
         self.awaiting_done.clear();
         self.serving.clear();
         self.reading.clear();
+        self.ended_reads = VecDeque::new();
         self.announces.clear();
         self.announced_inline = 0;
         failed

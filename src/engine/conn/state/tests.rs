@@ -1312,6 +1312,47 @@ fn a_resume_for_a_denied_read_that_ended_meanwhile_is_taken() {
     assert!(err.message().contains("unknown id"), "{err}");
 }
 
+/// The reader's twin: the server counted chunks unsent that its transport had taken, so its Deny
+/// reaches a reader whose read already ended on them. The reader answers with the Resume the server
+/// owes itself, and both ends stay open; a Deny for an id never made stays a violation.
+#[test]
+fn a_deny_for_a_read_that_ended_on_chunks_already_sent_is_answered() {
+    let (mut a, mut b) = (End::new(), End::new());
+    let dst = a.buffer(4 * CHUNK, |_| 0);
+    let src = b.buffer(4 * CHUNK, pattern(25));
+    let t = a.one_sided(false, &[(&dst, 0, &src, 0, 4 * CHUNK)]);
+    let Some(&Control::ReadRequest { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
+    pump_messages_only(&mut a, &mut b);
+    let served = b.sending.first_key_value().unwrap().1.flow;
+    // The transport took every chunk from the region; the reader gets them all before the cut.
+    let (_, plan) = a.receiving.pop_first().unwrap();
+    let (r, plan_extent) = (plan.flow, plan.extent);
+    // SAFETY: both extents lie in live test buffers of the same length.
+    unsafe { scatter(&plan_extent, &gather(&b.sending.first_key_value().unwrap().1.extent)) };
+    for _ in 0..4 {
+        let mut out = Vec::new();
+        a.st.chunk_finished(r, &a.mem, &mut out).unwrap();
+        a.take(out);
+    }
+    assert_eq!(a.outcome(&t).expect("finished").expect("read"), 4 * CHUNK as u64);
+    b.cut(&src).unwrap();
+    assert!(matches!(b.outbox.front(), Some(Control::Deny { xfer: x, .. }) if *x == xfer));
+    deliver(&mut b, &mut a).expect("a late Deny of an ended read");
+    assert_eq!(a.outbox, [Control::Resume { xfer }]);
+    let mut out = Vec::new();
+    for _ in 0..4 {
+        b.st.chunk_sent(served);
+        b.st.chunk_finished(served, &b.mem, &mut out).unwrap();
+    }
+    b.take(out);
+    deliver(&mut a, &mut b).expect("the owed Resume");
+    assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
+    assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
+    assert!((0..4 * CHUNK).all(|i| dst.bytes[i] == pattern(25)(i)), "the read's bytes");
+    let err = a.handle(Control::Deny { xfer: xfer + 1000, status: -6, reason: "no".into() }).unwrap_err();
+    assert!(err.message().contains("unknown id"), "{err}");
+}
+
 #[test]
 fn a_peer_reusing_a_served_read_id_or_resuming_unasked_fails_the_connection() {
     let (mut a, mut b) = (End::new(), End::new());
