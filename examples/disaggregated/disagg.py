@@ -371,12 +371,14 @@ def decode_role(link, opts, backend):
     check(meta["flat_len"] == nbytes, f"the prefill side's buffer is {meta['flat_len']} B, ours {nbytes} B")
     flat_local = agent.prep_xfer_dlist("NIXL_INIT_AGENT", agent.get_xfer_descs([(flat.data_ptr(), nbytes, paged.dev)], paged.mem))
     flat_remote = agent.prep_xfer_dlist(peer, agent.get_xfer_descs([(meta["flat"], nbytes, meta["dev"])], paged.mem))
-    sent = []
+    sent, makes = [], []
 
     def read(local_h, local_ids, remote_h, remote_ids, notif):
-        """One READ with its notification, timed from make_prepped_xfer to DONE."""
+        """One READ with its notification, timed from make_prepped_xfer to DONE; the make's own
+        time (NIXL's and the backend's work per descriptor, before any byte moves) goes to `makes`."""
         start = time.perf_counter()
         handle = agent.make_prepped_xfer("READ", local_h, local_ids, remote_h, remote_ids, notif_msg=notif.encode())
+        makes.append(time.perf_counter() - start)
         agent.transfer(handle)
         wait_done(agent, handle, notif)
         took = time.perf_counter() - start
@@ -414,13 +416,14 @@ def decode_role(link, opts, backend):
 
     # The same READ again, and one descriptor of its bytes, in turns, so load changes hit both.
     step("decode: the pull against one descriptor of its bytes")
-    pulls, ones = [], []
+    pulls, ones, pull_makes = [], [], []
     for i in range(opts.rounds):
         pulls.append(read(local, local_ids, remote, remote_ids, f"req-{i + 1}:1"))
+        pull_makes.append(makes[-1])
         ones.append(read(flat_local, [0], flat_remote, [0], f"one-{i}:1"))
     check(kv_digest(torch, paged.read(my_blocks, opts.prompt_tokens)) == kv_sha, "the KV read again differs from the first READ's")
     link.send("result", dict(tokens=tokens, kv_sha=kv_sha, pull_s=pull_s, prefill_s=req["prefill_s"], decode_s=decode_s,
-                             pulls=pulls, ones=ones, descs=len(local_ids), block_len=paged.block_len, nbytes=nbytes,
+                             pulls=pulls, pull_makes=pull_makes, ones=ones, descs=len(local_ids), block_len=paged.block_len, nbytes=nbytes,
                              sent=sent))
     link.recv("done")
     step("decode: release, remove the peer, deregister")
@@ -473,6 +476,7 @@ def run_one(opts, backend, path, ref):
     same = res["tokens"] == ref["tokens"]
     kv_same = res["kv_sha"] == ref["kv_sha"]
     pull, one = float(np.median(res["pulls"])), float(np.median(res["ones"]))
+    make = float(np.median(res["pull_makes"]))
     regions = 2 * ref["layers"]
     print(f"tokens equal to one process generating alone: {'yes' if same else 'NO'} {res['tokens']}", flush=True)
     if not same:
@@ -484,8 +488,10 @@ def run_one(opts, backend, path, ref):
     print(f"KV pull: {regions} regions x {res['descs'] // regions} blocks = {res['descs']} descriptors of "
           f"{size(res['block_len'])}, {size(res['nbytes'])}: median {ms(pull)} of {len(res['pulls'])}; one descriptor "
           f"of the same bytes: median {ms(one)}; ratio {pull / one:.2f}", flush=True)
+    print(f"  of the pull, make_prepped_xfer: median {ms(make)}; the rest (post to DONE) over one descriptor: "
+          f"{(pull - make) / one:.2f}", flush=True)
     return dict(where=f"{backend} {path or ''}".strip(), same=same, kv_same=kv_same, ttft_pd=res["prefill_s"] + res["pull_s"],
-                prefill=res["prefill_s"], pull=res["pull_s"], pull_med=pull, one=one)
+                prefill=res["prefill_s"], pull=res["pull_s"], pull_med=pull, make=make, one=one)
 
 
 def main():
@@ -542,11 +548,12 @@ def main():
     print("== summary (time to first token: one process alone "
           f"{ms(ref['ttft'])})", flush=True)
     print(f"{'backend':<20} {'tokens':<7} {'KV':<7} {'TTFT w/o pull':>14} {'TTFT w/ pull':>13} {'pull':>10} "
-          f"{'pull med':>10} {'one desc':>10} {'ratio':>6}", flush=True)
+          f"{'pull med':>10} {'make':>9} {'one desc':>10} {'ratio':>6}", flush=True)
     for r in rows:
         verdicts = " ".join(f"{'equal' if ok else 'DIFFER':<7}" for ok in (r["same"], r["kv_same"]))
         print(f"{r['where']:<20} {verdicts} {ms(r['prefill']):>14} {ms(r['ttft_pd']):>13} "
-              f"{ms(r['pull']):>10} {ms(r['pull_med']):>10} {ms(r['one']):>10} {r['pull_med'] / r['one']:>6.2f}", flush=True)
+              f"{ms(r['pull']):>10} {ms(r['pull_med']):>10} {ms(r['make']):>9} {ms(r['one']):>10} "
+              f"{r['pull_med'] / r['one']:>6.2f}", flush=True)
     bad = [r["where"] for r in rows if not (r["same"] and r["kv_same"])]
     if bad:
         print(f"FAIL: tokens or KV differ from one process generating alone: {', '.join(bad)}", flush=True)
