@@ -750,7 +750,8 @@ fn small_copies_from_concurrent_callers_stay_apart() {
     }
 }
 
-/// Copies queued back to back on one ring each land, in and out, on one stream or several.
+/// Copies queued back to back on one ring each land, in and out, on one stream or several. A
+/// ring locks each slot at its first copy, none before; slots of part of a page, all at once.
 #[test]
 fn every_ring_copy_lands() {
     use uccl_tcpx::internal::cuda::{DeviceBuffer, Gpu, StagingRing};
@@ -761,6 +762,7 @@ fn every_ring_copy_lands() {
     let (slot_size, slots) = (64 << 10, 8usize);
     for streams in [1, 3] {
         let mut ring = StagingRing::new(&gpu, slot_size, slots, streams).unwrap();
+        assert_eq!(ring.pinned_slots(), 0, "a new ring locks no slot");
         let want = pattern(slot_size * slots, 77);
         let mut src = DeviceBuffer::new(0, want.len()).unwrap();
         src.copy_from_host(0, &want).unwrap();
@@ -777,6 +779,7 @@ fn every_ring_copy_lands() {
             // SAFETY: src holds slots * slot_size bytes, so slot i's source lies inside it; src outlives the
             // wait below, and each slot was taken above.
             unsafe { ring.copy_in(slot, src.addr() + i * slot_size, slot_size).unwrap() };
+            assert_eq!(ring.pinned_slots(), i + 1, "slots locked as their first copies come");
         }
         wait_all(&ring, &taken);
         for (i, &slot) in taken.iter().enumerate() {
@@ -792,8 +795,25 @@ fn every_ring_copy_lands() {
         }
         wait_all(&ring, &taken);
         assert_same(&dst.to_vec().unwrap(), &want, "device memory after copy_out");
+        assert_eq!(ring.pinned_slots(), slots, "copies out lock nothing more");
         drop(ring);
     }
+    let odd = 5000;
+    let mut ring = StagingRing::new(&gpu, odd, 3, 1).unwrap();
+    assert_eq!(ring.pinned_slots(), 3, "slots of part of a page are locked at once");
+    let want = pattern(odd, 78);
+    let mut src = DeviceBuffer::new(0, odd).unwrap();
+    src.copy_from_host(0, &want).unwrap();
+    let dst = DeviceBuffer::new(0, odd).unwrap();
+    let slot = (0..2).map(|_| ring.take().unwrap()).last().unwrap();
+    // SAFETY: src and dst hold `odd` bytes and outlive the waits; the slot was taken above and its
+    // bytes are final once copy_in is seen done.
+    unsafe { ring.copy_in(slot, src.addr(), odd).unwrap() };
+    wait_copied(&ring, slot, "copy into a slot of part of a page");
+    // SAFETY: as above; nothing else reads dst before the wait below.
+    unsafe { ring.copy_out(slot, dst.addr(), odd).unwrap() };
+    wait_copied(&ring, slot, "copy out of a slot of part of a page");
+    assert_same(&dst.to_vec().unwrap(), &want, "device memory through a slot of part of a page");
 }
 
 /// Chunks of at most `slot` bytes made of consecutive pieces (none split), as `(first, end)` indices.

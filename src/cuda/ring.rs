@@ -20,7 +20,7 @@ use std::sync::{Arc, Once};
 
 use cudarc::driver::sys;
 
-use super::memory::PinnedBuffer;
+use super::memory::SlotMemory;
 use super::segments::{Built, SegmentKernel};
 use super::stream::{Event, Stream, shared_streams};
 use super::unpack::addressable;
@@ -126,7 +126,7 @@ pub struct StagingRing {
     lanes: Vec<Lane>,
     /// The lane each slot copies on: the one it was last taken for.
     slot_lane: Vec<usize>,
-    host: PinnedBuffer,
+    host: SlotMemory,
     slot_size: usize,
     /// Slots handed out and given back so far; slot `i` of the sequence is `i % slots`.
     taken: u64,
@@ -143,10 +143,7 @@ impl StagingRing {
                 "a staging ring of {slots} slots of {slot_size} bytes on {streams} streams"
             )));
         }
-        let total = slot_size
-            .checked_mul(slots)
-            .ok_or_else(|| Error::invalid(format!("{slots} staging slots of {slot_size} bytes overflow")))?;
-        let host = PinnedBuffer::new(gpu, total)?;
+        let host = SlotMemory::new(gpu, slot_size, slots)?;
         let lane = Lane::new(gpu, slots, streams)?;
         Ok(StagingRing {
             lanes: vec![lane],
@@ -220,7 +217,12 @@ impl StagingRing {
         self.slot_lane.len()
     }
 
-    /// The pinned bytes of all slots, for a transport that wants them registered.
+    /// Slots page-locked so far: each is on its first copy.
+    pub fn pinned_slots(&self) -> usize {
+        self.host.pinned()
+    }
+
+    /// The bytes of all slots, for a transport that wants them registered.
     pub fn host_range(&self) -> (usize, usize) {
         (self.host.as_ptr() as usize, self.host.len())
     }
@@ -302,6 +304,7 @@ impl StagingRing {
         I::IntoIter: ExactSizeIterator,
     {
         self.check_len(len)?;
+        self.host.pin(slot)?;
         let segs = segs.into_iter();
         let (host, slot_size, gather) = (self.slot_ptr(slot), self.slot_size, self.gather);
         let lane = self.lane(slot);
@@ -370,6 +373,7 @@ impl StagingRing {
         I::IntoIter: ExactSizeIterator,
     {
         self.check_len(len)?;
+        self.host.pin(slot)?;
         let segs = segs.into_iter();
         let (host, slot_size, gather) = (self.slot_ptr(slot), self.slot_size, self.gather);
         let lane = self.lane(slot);
