@@ -263,3 +263,65 @@ fn traced_transfers_process() {
     assert_eq!(a_back, pattern(LEN, 3), "the last read brought the written bytes back");
     assert_eq!(b_back, pattern(LEN, 5), "the last read brought the written bytes back");
 }
+
+/// Writes over the channels that `sliced_waits_process` waits for in slices.
+const SLICED_WRITES: usize = 24;
+
+/// A caller waiting in slices (`wait_within`, as the Python package's blocking calls and
+/// `uccl_tcpx_wait` with a timeout wait) reads its write's answer, the peer's Done, itself within
+/// its slice, instead of sleeping until a control reactor reads it and wakes it: the trace names
+/// the thread that read each Done, and the caller's reads some (it cannot read one that came
+/// before it waited, nor one while the reactor held the stream).
+#[test]
+fn a_caller_waiting_in_slices_reads_its_answer_itself() {
+    let dir = fresh_dir("slices");
+    let prefix = dir.join("t").to_string_lossy().into_owned();
+    let out = common::ChildTest::new("sliced_waits_process")
+        .ignored()
+        .env("UCCL_TCPX_TRACE", format!("flow:{prefix}"))
+        .run_within(common::TRANSFER_LIMIT);
+    let caller: u64 = out
+        .lines()
+        .find_map(|l| l.split("caller thread ").nth(1))
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the child named no caller thread:\n{out}"));
+    let files = files(&dir);
+    assert_eq!(files.len(), 1, "{files:?}");
+    let rows = rows(&files[0]);
+    // Control messages in at the connector's end (side 1) of kind 3: the Dones of its writes.
+    let dones: Vec<&Row> =
+        rows.iter().filter(|r| r.event == "flow_msg_in" && r.get("side") == 1 && r.get("kind") == 3).collect();
+    assert_eq!(dones.len(), SLICED_WRITES, "a Done for every write");
+    let by_caller = dones.iter().filter(|r| r.tid == caller).count();
+    assert!(by_caller > 0, "the waiting caller read none of the {} Dones", dones.len());
+}
+
+#[test]
+#[ignore = "child process of a_caller_waiting_in_slices_reads_its_answer_itself"]
+fn sliced_waits_process() {
+    assert!(common::is_child("sliced_waits_process"), "runs as a child of a trace test");
+    let trace = std::env::var("UCCL_TCPX_TRACE").ok().map(|v| TraceSetting::parse(&v).unwrap());
+    let config = Config { num_channels: Some(2), chunk_size: 256 << 10, trace, ..common::loopback() };
+    let p = common::pair(config);
+    let len = 4 << 20;
+    let src = pattern(len, 9);
+    let mut dst = vec![0u8; len];
+    let smr = p.a.register(src.as_ptr() as usize, len).unwrap();
+    let dmr = p.b.register(dst.as_mut_ptr() as usize, len).unwrap();
+    let remote = p.b.prepare_fifo(dmr, dst.as_ptr() as usize, len).unwrap();
+    let op = [OneSided { mr: smr, addr: src.as_ptr() as usize, len, remote }];
+    for _ in 0..SLICED_WRITES {
+        let id = p.ab.write(&op).unwrap();
+        let deadline = std::time::Instant::now() + common::TRANSFER_LIMIT;
+        let got = loop {
+            if let Some(n) = p.ab.wait_within(id, std::time::Duration::from_millis(50)).unwrap() {
+                break n;
+            }
+            assert!(std::time::Instant::now() < deadline, "write {id} still in progress");
+        };
+        assert_eq!(got, len as u64);
+    }
+    assert!(dst == src, "the written bytes");
+    // SAFETY: gettid takes no arguments and cannot fail.
+    println!("caller thread {}", unsafe { libc::syscall(libc::SYS_gettid) });
+}

@@ -253,6 +253,19 @@ impl ControlRx {
         }
     }
 
+    /// `drain` after waiting up to `left` (at most `WAIT_SLICE`) for bytes: for a caller whose wait
+    /// is limited, which must be back within its slice. Sleeps in the kernel, as a blocking read
+    /// does, and wakes on the answer itself rather than through the reactor.
+    pub fn drain_within(&self, buf: &mut RxBuffer, left: Duration) -> Drained {
+        let left = left.min(WAIT_SLICE);
+        let mut pfd = libc::pollfd { fd: self.stream.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let timeout = libc::timespec { tv_sec: left.as_secs() as libc::time_t, tv_nsec: left.subsec_nanos() as _ };
+        // SAFETY: one valid pollfd and a valid timespec; no signal mask is changed. A timeout or a
+        // signal just leads to a read that finds nothing.
+        unsafe { libc::ppoll(&mut pfd, 1, &timeout, std::ptr::null()) };
+        self.drain(buf, false)
+    }
+
     /// `drain` while a payload lands: reads only the payload (what follows it is read once the
     /// connection took the landing's end). `More` once the payload is all in, so that its reader
     /// hands it on and comes back for what follows.

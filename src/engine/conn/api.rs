@@ -551,7 +551,8 @@ impl Connection {
 
     /// `wait`, giving up after `limit`: `Ok(None)` while the transfer is still in progress then
     /// (the id stays valid). The engine's threads finish every transfer without the caller's help,
-    /// so the caller only polls (which runs this transfer's waiting copies, as `poll` does) and
+    /// so the caller reads its answer itself only until the limit (one that completes on the
+    /// control stream), polls (which runs this transfer's waiting copies, as `poll` does) and
     /// sleeps until the transfer's end wakes it; a caller that must stay responsive (to a signal)
     /// waits in such slices. Same-host GPU copies of the transfer in flight are waited for on
     /// their events, as `wait` does, even past the limit (a copy's own time at most): polled every
@@ -560,12 +561,12 @@ impl Connection {
     pub fn wait_within(&self, transfer: u64, limit: Duration) -> Result<Option<u64>> {
         let start = Instant::now();
         let t = self.core.transfers.get(self.id, transfer)?;
+        let deadline = start + limit;
         if t.completes_on_control() {
             let _copies_here = self.same_host.host.caller_waits();
-            reader::spin_for_answer(self, &t);
+            reader::read_until(self, &t, deadline);
         }
         drop(t);
-        let deadline = start + limit;
         let spin = if self.same_host.device_copies() { WAIT_SPIN.min(limit) } else { Duration::ZERO };
         let spin_until = start + spin;
         loop {
