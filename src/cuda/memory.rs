@@ -9,6 +9,7 @@ use cudarc::driver::sys;
 
 use super::{Gpu, check};
 use crate::error::{Error, Result};
+use crate::host_memory::{HUGE_PAGE, page_size};
 
 pub struct DeviceBuffer {
     gpu: Arc<Gpu>,
@@ -200,24 +201,19 @@ pub struct SlotMemory {
     ptr: *mut u8,
     slot_size: usize,
     pinned: Vec<bool>,
-    /// Slots that are not whole pages cannot be locked apart: all were locked at once.
-    whole: bool,
 }
 
 // SAFETY: a plain mapping; who may touch which bytes when is up to the owner (the staging ring).
 unsafe impl Send for SlotMemory {}
 
-/// Huge pages' size, the mapping's alignment.
-const HUGE: usize = 2 << 20;
-
 impl SlotMemory {
     pub fn new(gpu: &Arc<Gpu>, slot_size: usize, slots: usize) -> Result<SlotMemory> {
         let len = slot_size
             .checked_mul(slots)
-            .filter(|&n| n > 0 && n <= isize::MAX as usize - HUGE)
+            .filter(|&n| n > 0 && n <= isize::MAX as usize - HUGE_PAGE)
             .ok_or_else(|| Error::invalid(format!("{slots} staging slots of {slot_size} bytes")))?;
         // Mapped a huge page longer, then trimmed to a huge-page-aligned range.
-        let over = len + HUGE;
+        let over = len + HUGE_PAGE;
         // SAFETY: a fresh anonymous mapping; no existing memory is touched.
         let raw = unsafe {
             libc::mmap(
@@ -235,7 +231,7 @@ impl SlotMemory {
                 std::io::Error::last_os_error()
             )));
         }
-        let (raw, start) = (raw as usize, (raw as usize).next_multiple_of(HUGE));
+        let (raw, start) = (raw as usize, (raw as usize).next_multiple_of(HUGE_PAGE));
         // SAFETY: both ranges lie in the mapping made above and outside [start, start + len).
         unsafe {
             if start > raw {
@@ -246,15 +242,17 @@ impl SlotMemory {
             libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
             libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTFORK);
         }
-        let whole = !slot_size.is_multiple_of(page_size());
-        let mut memory =
-            SlotMemory { gpu: gpu.clone(), ptr: start as *mut u8, slot_size, pinned: vec![false; slots], whole: false };
-        if whole {
+        let mut memory = SlotMemory { gpu: gpu.clone(), ptr: start as *mut u8, slot_size, pinned: vec![false; slots] };
+        if memory.whole() {
             memory.register(0, len)?;
-            memory.whole = true;
             memory.pinned.fill(true);
         }
         Ok(memory)
+    }
+
+    /// Whether the slots are locked as one range: slots of part of a page cannot be locked apart.
+    fn whole(&self) -> bool {
+        !self.slot_size.is_multiple_of(page_size())
     }
 
     /// Page-locks `len` bytes from `at` of the mapping.
@@ -274,7 +272,7 @@ impl SlotMemory {
         if self.pinned[slot] {
             return Ok(());
         }
-        // Whole pages (else `whole`): slot < slots, so the slot lies in the mapping.
+        // Whole pages (else all were locked in `new`): slot < slots, so it lies in the mapping.
         self.register(slot * self.slot_size, self.slot_size)?;
         self.pinned[slot] = true;
         Ok(())
@@ -301,7 +299,7 @@ impl SlotMemory {
 impl Drop for SlotMemory {
     fn drop(&mut self) {
         if let Ok(_ctx) = self.gpu.enter() {
-            let starts = if self.whole { 0..1 } else { 0..self.pinned.len() };
+            let starts = if self.whole() { 0..1 } else { 0..self.pinned.len() };
             for slot in starts.filter(|&s| self.pinned[s]) {
                 // SAFETY: registered in pin(), unregistered once here; the owner made sure no copy
                 // still uses it.
@@ -311,11 +309,6 @@ impl Drop for SlotMemory {
         // SAFETY: the range mapped in new(), unmapped once here.
         unsafe { libc::munmap(self.ptr.cast(), self.len()) };
     }
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf reads a constant.
-    usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) }).unwrap_or(4096)
 }
 
 /// Page-locked host memory mapped into every context's address space (`DEVICEMAP | PORTABLE`): a

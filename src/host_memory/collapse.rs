@@ -25,12 +25,12 @@ use std::io;
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::system;
+use super::system::{self, page_size};
 
 /// `MADV_COLLAPSE` (Linux 6.1), the same on every architecture.
 const MADV_COLLAPSE: libc::c_int = 25;
 /// The only huge page size collapsed into.
-const EXTENT: usize = 2 << 20;
+const EXTENT: usize = system::HUGE_PAGE;
 /// Bytes asked for per slice: about 6 ms of the kernel's copying.
 const SLICE_BYTES: usize = 16 << 20;
 /// The pause after a slice, in multiples of the slice's time: a quarter of a core at most.
@@ -171,12 +171,6 @@ enum Step {
     Refused(io::Error),
     /// Stop asking: no huge page to give.
     Stop,
-}
-
-fn page_size() -> usize {
-    // SAFETY: sysconf has no preconditions.
-    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(size).ok().filter(|s| s.is_power_of_two()).unwrap_or(4096)
 }
 
 /// Collapses the 2 MiB extent at `start` if every page of it is present and written.

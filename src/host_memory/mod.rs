@@ -20,6 +20,8 @@ mod system;
 pub use collapse::{Collapsed, collapse, collapse_allowed};
 pub use smaps::on_huge_pages;
 
+pub(crate) use system::{HUGE_PAGE, page_size};
+
 /// Whether `on_huge_pages` counts a range's own pages (cheap, in proportion to the range) rather
 /// than reading smaps (in proportion to everything the process maps below the range).
 pub fn scans_page_tables() -> bool {

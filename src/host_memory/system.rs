@@ -1,5 +1,5 @@
 //! Whether this host can put any memory on huge pages that smaps would count: where it cannot,
-//! every answer is small pages, and no smaps is read for one.
+//! every answer is small pages, and no smaps is read for one. Also the page sizes the crate uses.
 
 use std::sync::OnceLock;
 
@@ -50,6 +50,16 @@ pub(super) fn possible(thp_enabled: Option<&str>, meminfo: Option<&str>) -> bool
     // HugePages_Total counts the default size's pool, Hugetlb (newer kernels) the memory of
     // every size's; a kernel without hugetlbfs lists neither.
     !understood || pool.unwrap_or(0) > 0 || hugetlb.unwrap_or(0) > 0
+}
+
+/// The huge page size this library asks for (and collapses into): 2 MiB.
+pub(crate) const HUGE_PAGE: usize = 2 << 20;
+
+/// The kernel's base page size.
+pub(crate) fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let size = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(size).ok().filter(|s| s.is_power_of_two()).unwrap_or(4096)
 }
 
 #[cfg(test)]

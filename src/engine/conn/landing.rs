@@ -57,9 +57,9 @@ impl PinBudget {
 
 /// Host memory a connection lands eager messages in, registered with its channels like a caller's
 /// region but never advertised. The connection keeps it while a message is in it or on its way
-/// (the only time a channel receives into it), so no transport writes into it once freed. On an engine serving a GPU it is page-locked (within
-/// [`PINNED_LANDINGS_MAX`]): a message landed for a receive in device memory then goes there in
-/// one DMA per run of slots.
+/// (the only time a channel receives into it), so no transport writes into it once freed. On an
+/// engine serving a GPU it is page-locked (within [`PINNED_LANDINGS_MAX`]): a message landed for a
+/// receive in device memory then goes there in one DMA per run of slots.
 pub(crate) struct LandingMemory {
     _backing: Backing,
     region: Arc<Region>,

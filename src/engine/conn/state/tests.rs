@@ -1251,15 +1251,42 @@ fn a_write_cut_at_the_target_drains_into_scratch_and_is_denied() {
     }
 }
 
-#[test]
-fn a_read_cut_at_the_server_is_denied_before_its_remaining_chunks_go() {
+/// A read of four chunks of `b`'s buffer (bytes `pattern(seed)`) into `a`'s, its request taken:
+/// `b` serves it as flow `served`, its chunks queued and none sent.
+struct ServedRead {
+    a: End,
+    b: End,
+    dst: Buf,
+    src: Buf,
+    t: Arc<Transfer>,
+    xfer: u64,
+    served: u64,
+}
+
+fn served_read(seed: u8) -> ServedRead {
     let (mut a, mut b) = (End::new(), End::new());
     let dst = a.buffer(4 * CHUNK, |_| 0);
-    let src = b.buffer(4 * CHUNK, pattern(21));
+    let src = b.buffer(4 * CHUNK, pattern(seed));
     let t = a.one_sided(false, &[(&dst, 0, &src, 0, 4 * CHUNK)]);
     let Some(&Control::ReadRequest { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
     pump_messages_only(&mut a, &mut b);
     let served = b.sending.first_key_value().unwrap().1.flow;
+    ServedRead { a, b, dst, src, t, xfer, served }
+}
+
+/// Every chunk of `b`'s four-chunk flow `served` goes to the transport and finishes there.
+fn all_chunks_go(b: &mut End, served: u64) {
+    let mut out = Vec::new();
+    for _ in 0..4 {
+        b.st.chunk_sent(served);
+        b.st.chunk_finished(served, &b.mem, &mut out).unwrap();
+    }
+    b.take(out);
+}
+
+#[test]
+fn a_read_cut_at_the_server_is_denied_before_its_remaining_chunks_go() {
+    let ServedRead { mut a, mut b, dst, src, t, xfer, served } = served_read(21);
     // One chunk already went to the transport from the region; three have not.
     b.st.chunk_sent(served);
     b.cut(&src).unwrap();
@@ -1292,21 +1319,11 @@ fn a_read_cut_at_the_server_is_denied_before_its_remaining_chunks_go() {
 /// violation.
 #[test]
 fn a_resume_for_a_denied_read_that_ended_meanwhile_is_taken() {
-    let (mut a, mut b) = (End::new(), End::new());
-    let dst = a.buffer(4 * CHUNK, |_| 0);
-    let src = b.buffer(4 * CHUNK, pattern(24));
-    a.one_sided(false, &[(&dst, 0, &src, 0, 4 * CHUNK)]);
-    let Some(&Control::ReadRequest { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
-    pump_messages_only(&mut a, &mut b);
-    let served = b.sending.first_key_value().unwrap().1.flow;
+    let ServedRead { a: _a, mut b, dst: _dst, src, xfer, served, .. } = served_read(24);
     b.cut(&src).unwrap();
     assert_eq!(b.held, [served]);
     // The channel had every chunk already: they all finish, and the flow with them.
-    let mut out = Vec::new();
-    for _ in 0..4 {
-        b.st.chunk_sent(served);
-        b.st.chunk_finished(served, &b.mem, &mut out).unwrap();
-    }
+    all_chunks_go(&mut b, served);
     b.handle(Control::Resume { xfer }).expect("the Resume the Deny asked for");
     let err = b.handle(Control::Resume { xfer }).unwrap_err();
     assert!(err.message().contains("unknown id"), "{err}");
@@ -1317,13 +1334,7 @@ fn a_resume_for_a_denied_read_that_ended_meanwhile_is_taken() {
 /// owes itself, and both ends stay open; a Deny for an id never made stays a violation.
 #[test]
 fn a_deny_for_a_read_that_ended_on_chunks_already_sent_is_answered() {
-    let (mut a, mut b) = (End::new(), End::new());
-    let dst = a.buffer(4 * CHUNK, |_| 0);
-    let src = b.buffer(4 * CHUNK, pattern(25));
-    let t = a.one_sided(false, &[(&dst, 0, &src, 0, 4 * CHUNK)]);
-    let Some(&Control::ReadRequest { xfer, .. }) = a.outbox.front() else { panic!("{:?}", a.outbox) };
-    pump_messages_only(&mut a, &mut b);
-    let served = b.sending.first_key_value().unwrap().1.flow;
+    let ServedRead { mut a, mut b, dst, src, t, xfer, served } = served_read(25);
     // The transport took every chunk from the region; the reader gets them all before the cut.
     let (_, plan) = a.receiving.pop_first().unwrap();
     let (r, plan_extent) = (plan.flow, plan.extent);
@@ -1339,12 +1350,7 @@ fn a_deny_for_a_read_that_ended_on_chunks_already_sent_is_answered() {
     assert!(matches!(b.outbox.front(), Some(Control::Deny { xfer: x, .. }) if *x == xfer));
     deliver(&mut b, &mut a).expect("a late Deny of an ended read");
     assert_eq!(a.outbox, [Control::Resume { xfer }]);
-    let mut out = Vec::new();
-    for _ in 0..4 {
-        b.st.chunk_sent(served);
-        b.st.chunk_finished(served, &b.mem, &mut out).unwrap();
-    }
-    b.take(out);
+    all_chunks_go(&mut b, served);
     deliver(&mut a, &mut b).expect("the owed Resume");
     assert!(a.st.check_open().is_ok() && b.st.check_open().is_ok());
     assert!(!a.st.waits_on_peer() && !b.st.waits_on_peer());
