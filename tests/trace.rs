@@ -264,14 +264,16 @@ fn traced_transfers_process() {
     assert_eq!(b_back, pattern(LEN, 5), "the last read brought the written bytes back");
 }
 
-/// Writes over the channels that `sliced_waits_process` waits for in slices.
+/// Writes, then reads, over the channels that `sliced_waits_process` waits for in slices.
 const SLICED_WRITES: usize = 24;
 
 /// A caller waiting in slices (`wait_within`, as the Python package's blocking calls and
 /// `uccl_tcpx_wait` with a timeout wait) reads its write's answer, the peer's Done, itself within
 /// its slice, instead of sleeping until a control reactor reads it and wakes it: the trace names
 /// the thread that read each Done, and the caller's reads some (it cannot read one that came
-/// before it waited, nor one while the reactor held the stream).
+/// before it waited, nor one while the reactor held the stream). A read, which ends on its own
+/// chunks, is finished the same way: the caller, woken by the chunks' completions, tests them
+/// itself within its slice, and the trace names it for some of the reads' chunks.
 #[test]
 fn a_caller_waiting_in_slices_reads_its_answer_itself() {
     let dir = fresh_dir("slices");
@@ -294,6 +296,20 @@ fn a_caller_waiting_in_slices_reads_its_answer_itself() {
     assert_eq!(dones.len(), SLICED_WRITES, "a Done for every write");
     let by_caller = dones.iter().filter(|r| r.tid == caller).count();
     assert!(by_caller > 0, "the waiting caller read none of the {} Dones", dones.len());
+    // The flows the connector's end receives: its reads'.
+    let read_flows: Vec<u64> = rows
+        .iter()
+        .filter(|r| r.event == "flow_plan" && r.get("side") == 1 && r.get("ours") == 1 && r.get("recv") == 1)
+        .map(|r| r.get("flow"))
+        .collect();
+    assert_eq!(read_flows.len(), SLICED_WRITES, "a flow for every read");
+    let read_chunks: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.event == "flow_chunk_done" && r.get("side") == 1 && read_flows.contains(&r.get("flow")))
+        .collect();
+    assert!(read_chunks.len() >= SLICED_WRITES, "{} chunks done for {SLICED_WRITES} reads", read_chunks.len());
+    let by_caller = read_chunks.iter().filter(|r| r.tid == caller).count();
+    assert!(by_caller > 0, "the waiting caller finished none of the reads' {} chunks", read_chunks.len());
 }
 
 #[test]
@@ -301,7 +317,8 @@ fn a_caller_waiting_in_slices_reads_its_answer_itself() {
 fn sliced_waits_process() {
     assert!(common::is_child("sliced_waits_process"), "runs as a child of a trace test");
     let trace = std::env::var("UCCL_TCPX_TRACE").ok().map(|v| TraceSetting::parse(&v).unwrap());
-    let config = Config { num_channels: Some(2), chunk_size: 256 << 10, trace, ..common::loopback() };
+    let config =
+        Config { num_channels: Some(2), chunk_size: 256 << 10, caller_completes: true, trace, ..common::loopback() };
     let p = common::pair(config);
     let len = 4 << 20;
     let src = pattern(len, 9);
@@ -322,6 +339,17 @@ fn sliced_waits_process() {
         assert_eq!(got, len as u64);
     }
     assert!(dst == src, "the written bytes");
+    let mut back = vec![0u8; len];
+    let bmr = p.a.register(back.as_mut_ptr() as usize, len).unwrap();
+    let read = [OneSided { mr: bmr, addr: back.as_mut_ptr() as usize, len, remote }];
+    for _ in 0..SLICED_WRITES {
+        let id = p.ab.read(&read).unwrap();
+        let deadline = std::time::Instant::now() + common::TRANSFER_LIMIT;
+        while p.ab.wait_within(id, std::time::Duration::from_millis(50)).unwrap().is_none() {
+            assert!(std::time::Instant::now() < deadline, "read {id} still in progress");
+        }
+    }
+    assert!(back == src, "the read bytes");
     // SAFETY: gettid takes no arguments and cannot fail.
     println!("caller thread {}", unsafe { libc::syscall(libc::SYS_gettid) });
 }

@@ -542,7 +542,7 @@ impl Connection {
         } else if self.same_host.device_copies() {
             self.wait_device_copies(transfer);
         } else if self.core.config.caller_completes && t.ends_on_chunks() {
-            self.wait_on_chunks(&t);
+            self.wait_on_chunks(&t, None);
         }
         let waited = self.core.transfers.wait(self.id, transfer);
         trace::event!(CallDone { conn: self.trace.conn, side: self.trace.side, transfer });
@@ -551,13 +551,13 @@ impl Connection {
 
     /// `wait`, giving up after `limit`: `Ok(None)` while the transfer is still in progress then
     /// (the id stays valid). The engine's threads finish every transfer without the caller's help,
-    /// so the caller reads its answer itself only until the limit (one that completes on the
-    /// control stream), polls (which runs this transfer's waiting copies, as `poll` does) and
-    /// sleeps until the transfer's end wakes it; a caller that must stay responsive (to a signal)
-    /// waits in such slices. Same-host GPU copies of the transfer in flight are waited for on
-    /// their events, as `wait` does, even past the limit (a copy's own time at most): polled every
-    /// slice instead, a 64 MiB write ended about 0.7 ms after its copy (the Python package waits
-    /// in 50 ms slices).
+    /// so the caller reads its answer itself (one that completes on the control stream) or tests
+    /// its chunks itself (one that ends on them) only until the limit, polls (which runs this
+    /// transfer's waiting copies, as `poll` does) and sleeps until the transfer's end wakes it; a
+    /// caller that must stay responsive (to a signal) waits in such slices. Same-host GPU copies
+    /// of the transfer in flight are waited for on their events, as `wait` does, even past the
+    /// limit (a copy's own time at most): polled every slice instead, a 64 MiB write ended about
+    /// 0.7 ms after its copy (the Python package waits in 50 ms slices).
     pub fn wait_within(&self, transfer: u64, limit: Duration) -> Result<Option<u64>> {
         let start = Instant::now();
         let t = self.core.transfers.get(self.id, transfer)?;
@@ -565,6 +565,8 @@ impl Connection {
         if t.completes_on_control() {
             let _copies_here = self.same_host.host.caller_waits();
             reader::read_until(self, &t, deadline);
+        } else if !self.same_host.device_copies() && self.core.config.caller_completes && t.ends_on_chunks() {
+            self.wait_on_chunks(&t, Some(deadline));
         }
         drop(t);
         let spin = if self.same_host.device_copies() { WAIT_SPIN.min(limit) } else { Duration::ZERO };
@@ -596,16 +598,25 @@ impl Connection {
     /// tests its last one: the caller, woken by the transport's completion in the progress
     /// thread's place (`Waker::io_done`), tests its connection itself, so that completion wakes it
     /// once where the progress thread's wake-up and then its hand-over to the caller cost two.
-    /// Should the progress thread get there first, finishing the transfer unparks the caller.
-    fn wait_on_chunks(&self, t: &Transfer) {
+    /// Should the progress thread get there first, finishing the transfer unparks the caller. Until
+    /// `deadline` if one is given (`wait_within`).
+    fn wait_on_chunks(&self, t: &Transfer, deadline: Option<Instant>) {
         let counted = self.core.waker.waiting_caller();
         while !t.is_finished() {
             self.pass_here(&mut self.inner.lock(), usize::MAX);
             if t.is_finished() {
                 break;
             }
+            let slice = match deadline {
+                None => WAIT_SLICE,
+                Some(end) => match end.checked_duration_since(Instant::now()) {
+                    Some(left) if !left.is_zero() => left.min(WAIT_SLICE),
+                    _ => break,
+                },
+            };
             counted.looked();
-            if t.park_until_finished(WAIT_SLICE) {
+            // A park cut short by the caller's own limit is not a wake-up that went missing.
+            if t.park_until_finished(slice) && slice == WAIT_SLICE {
                 t.slice_ran_out();
             }
         }
