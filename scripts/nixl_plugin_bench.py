@@ -40,7 +40,7 @@ usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,
        nixl_plugin_bench.py --kv 8x1024x256x16K --kv-readers N [--reader-gpus 1,2,3] [--kv-requests N] [--vram I,T] ...
        nixl_plugin_bench.py --kv 8x1024x128x16K --kv-all-to-all G [--kv-requests N] [--vram 0,0] ...
        nixl_plugin_bench.py --sglang 24x3x24x64K [--rounds N] [--setups tcpx-net,tcpx-local,ucx] [--vram I,T]
-                            [--sglang-settle S]
+                            [--sglang-settle S] [--sglang-registered S]
        nixl_plugin_bench.py --breakdown [--bench PATH] [--rounds N] [--sizes 4K,1M] [--vram I,T]
                             [--initiator-param UCCL_TCPX_CONTROL_SPIN_US=0 ...]
 """
@@ -1254,6 +1254,7 @@ SG_AUX = 256  # one room's aux item, as sglang.py's first aux buffer
 SG_WAIT_S = 120
 SG_RANK = 0
 SG_SETTLE_S = 0.0  # --sglang-settle: seconds from add_remote_agent to the first room
+SG_REGISTERED_S = 0.0  # --sglang-registered: seconds from registering the KV to add_remote_agent
 
 
 def sg_pattern(nbytes, region):
@@ -1387,6 +1388,9 @@ def sglang_measure(setup, shape):
         kv.register(agent)
         aux = sg_aux_pattern(rooms)
         agent.register_memory(agent.get_reg_descs([(aux.ctypes.data, aux.nbytes, 0, "")], "DRAM"))
+        # A serving stack registers its KV as it starts, long before a peer joins; 0 (the default)
+        # loads the peer at once.
+        time.sleep(SG_REGISTERED_S)
         peer = agent.add_remote_agent(meta)
         src = agent.prep_xfer_dlist("", sg_dlist(kv.bases(), slots, page, kv.dev), kv.kind)
         dst = agent.prep_xfer_dlist(peer, sg_dlist(remote_bases, slots, page, remote_dev), remote_kind)
@@ -1543,6 +1547,9 @@ def main():
                          "ROOMS x CHUNKS a room x PAGES a chunk x PAGE_SIZE")
     ap.add_argument("--sglang-settle", type=float, default=0.0, metavar="S",
                     help="with --sglang: seconds between loading the peer and the first room (default 0)")
+    ap.add_argument("--sglang-registered", type=float, default=0.0, metavar="S",
+                    help="with --sglang: seconds between registering the prefill side's KV and loading "
+                         "the peer (default 0)")
     ap.add_argument("--breakdown", action="store_true", help="where a request's time goes (--sizes default 4K,1M)")
     ap.add_argument("--bench", metavar="PATH", help="with --breakdown: uccl-tcpx-bench, run in every round")
     ap.add_argument("--initiator-param", metavar="KEY=VALUE", action="append", default=[],
@@ -1608,10 +1615,10 @@ def main():
             shape = parse_sglang(args.sglang)
         except ValueError as e:
             ap.error(str(e))
-        if args.sglang_settle < 0:
-            ap.error("--sglang-settle takes seconds, 0 or more")
-        global SG_SETTLE_S
-        SG_SETTLE_S = args.sglang_settle
+        if min(args.sglang_settle, args.sglang_registered) < 0:
+            ap.error("--sglang-settle and --sglang-registered take seconds, 0 or more")
+        global SG_SETTLE_S, SG_REGISTERED_S
+        SG_SETTLE_S, SG_REGISTERED_S = args.sglang_settle, args.sglang_registered
         sglang_main(shape, sg_setups, args.rounds, args.json)
         return
     if args.breakdown:

@@ -816,6 +816,58 @@ fn every_ring_copy_lands() {
     assert_same(&dst.to_vec().unwrap(), &want, "device memory through a slot of part of a page");
 }
 
+/// A ring locked ahead ends with every slot locked, by the background locker or by a copy that got
+/// there first; copies taken meanwhile land; a ring dropped while the locker works on it
+/// is freed without harm.
+#[test]
+fn a_ring_locked_ahead_locks_every_slot() {
+    use uccl_tcpx::internal::cuda::slots::locked_ahead;
+    use uccl_tcpx::internal::cuda::{DeviceBuffer, Gpu, StagingRing};
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).unwrap();
+    let (slot_size, slots) = (2 << 20, 8usize);
+    let before = locked_ahead();
+    let mut ring = StagingRing::new(&gpu, slot_size, slots, 2).unwrap();
+    let want = pattern(slot_size * 2, 79);
+    let mut src = DeviceBuffer::new(0, want.len()).unwrap();
+    src.copy_from_host(0, &want).unwrap();
+    let dst = DeviceBuffer::new(0, want.len()).unwrap();
+    ring.lock_ahead();
+    let taken: Vec<usize> = (0..2).map(|_| ring.take().unwrap()).collect();
+    for (i, &slot) in taken.iter().enumerate() {
+        // SAFETY: src holds two slots' bytes, slot i's lie inside it; src outlives the waits below.
+        unsafe { ring.copy_in(slot, src.addr() + i * slot_size, slot_size).unwrap() };
+    }
+    for &slot in &taken {
+        wait_copied(&ring, slot, "copy into a slot while the locker works");
+    }
+    for (i, &slot) in taken.iter().enumerate() {
+        // SAFETY: dst holds two slots' bytes; the slot's bytes are final (its copy_in finished).
+        unsafe { ring.copy_out(slot, dst.addr() + i * slot_size, slot_size).unwrap() };
+    }
+    for &slot in &taken {
+        wait_copied(&ring, slot, "copy out of a slot while the locker works");
+    }
+    assert_same(&dst.to_vec().unwrap(), &want, "device memory through slots locked meanwhile");
+    let deadline = Instant::now() + testkit::PATIENCE;
+    while ring.pinned_slots() < slots {
+        assert!(Instant::now() < deadline, "the locker left {} of {slots} slots", slots - ring.pinned_slots());
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    // The copies locked at most the two slots they took; the locker, from the last down, the rest
+    // (the count is the process's: other tests' rings only add to it).
+    let by_locker = locked_ahead() - before;
+    assert!(by_locker as usize >= slots - 2, "the locker locked {by_locker} of the {} slots no copy took", slots - 2);
+    drop(ring);
+    for _ in 0..4 {
+        let ring = StagingRing::new(&gpu, slot_size, 32, 1).unwrap();
+        ring.lock_ahead();
+        drop(ring);
+    }
+}
+
 /// Chunks of at most `slot` bytes made of consecutive pieces (none split), as `(first, end)` indices.
 fn chunks_of(pieces: &[(usize, usize)], slot: usize) -> Vec<(usize, usize)> {
     let (mut out, mut first, mut bytes) = (Vec::new(), 0, 0);

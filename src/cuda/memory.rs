@@ -1,7 +1,7 @@
 //! Owned CUDA memory: [`DeviceBuffer`] (device memory with blocking copies, for tests and
 //! benchmarks that need GPU buffers without a framework), [`PinnedBuffer`] (page-locked host
-//! memory), [`SlotMemory`] (the staging slots, each locked at its first use) and [`MappedBuffer`]
-//! (page-locked host memory kernels write in place). All free themselves on drop.
+//! memory) and [`MappedBuffer`] (page-locked host memory kernels write in place). All free
+//! themselves on drop. A staging ring's slots live in `super::slots`.
 
 use std::sync::Arc;
 
@@ -9,7 +9,6 @@ use cudarc::driver::sys;
 
 use super::{Gpu, check};
 use crate::error::{Error, Result};
-use crate::host_memory::{HUGE_PAGE, page_size};
 
 pub struct DeviceBuffer {
     gpu: Arc<Gpu>,
@@ -186,128 +185,6 @@ impl Drop for PinnedBuffer {
             // copy or I/O still uses it.
             let _ = unsafe { sys::cuMemFreeHost(self.ptr.cast()) };
         }
-    }
-}
-
-/// Host memory cut into slots, each page-locked the first time a copy uses it ([`SlotMemory::pin`]):
-/// a staging ring's. Locked all at once, a connection's four rings of 16 MiB took 25-30 ms of its
-/// setup on one H200 (`cuMemHostAlloc` of 16 MiB 5-9 ms, most of it faulting and zeroing the
-/// pages), which a request made right after loading the peer waited for; a slot of 2 MiB takes
-/// about 0.6 ms on its first use and nothing after. The mapping asks for huge pages (locking them
-/// took 0.6x the time of small ones there) and is left out of forked children, which must not
-/// share pages the GPU writes.
-pub struct SlotMemory {
-    gpu: Arc<Gpu>,
-    ptr: *mut u8,
-    slot_size: usize,
-    pinned: Vec<bool>,
-}
-
-// SAFETY: a plain mapping; who may touch which bytes when is up to the owner (the staging ring).
-unsafe impl Send for SlotMemory {}
-
-impl SlotMemory {
-    pub fn new(gpu: &Arc<Gpu>, slot_size: usize, slots: usize) -> Result<SlotMemory> {
-        let len = slot_size
-            .checked_mul(slots)
-            .filter(|&n| n > 0 && n <= isize::MAX as usize - HUGE_PAGE)
-            .ok_or_else(|| Error::invalid(format!("{slots} staging slots of {slot_size} bytes")))?;
-        // Mapped a huge page longer, then trimmed to a huge-page-aligned range.
-        let over = len + HUGE_PAGE;
-        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
-        let raw = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                over,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if raw == libc::MAP_FAILED {
-            return Err(Error::backend(format!(
-                "mmap of {over} bytes for staging slots: {}",
-                std::io::Error::last_os_error()
-            )));
-        }
-        let (raw, start) = (raw as usize, (raw as usize).next_multiple_of(HUGE_PAGE));
-        // SAFETY: both ranges lie in the mapping made above and outside [start, start + len).
-        unsafe {
-            if start > raw {
-                libc::munmap(raw as *mut libc::c_void, start - raw);
-            }
-            libc::munmap((start + len) as *mut libc::c_void, raw + over - start - len);
-            // Advice only: a kernel without transparent huge pages keeps small ones.
-            libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
-            libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTFORK);
-        }
-        let mut memory = SlotMemory { gpu: gpu.clone(), ptr: start as *mut u8, slot_size, pinned: vec![false; slots] };
-        if memory.whole() {
-            memory.register(0, len)?;
-            memory.pinned.fill(true);
-        }
-        Ok(memory)
-    }
-
-    /// Whether the slots are locked as one range: slots of part of a page cannot be locked apart.
-    fn whole(&self) -> bool {
-        !self.slot_size.is_multiple_of(page_size())
-    }
-
-    /// Page-locks `len` bytes from `at` of the mapping.
-    fn register(&self, at: usize, len: usize) -> Result<()> {
-        let _ctx = self.gpu.enter()?;
-        check(
-            // SAFETY: the range lies in the live mapping (the callers' bounds); the GPU's context is
-            // current (entered above).
-            unsafe { sys::cuMemHostRegister_v2(self.ptr.add(at).cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE) },
-            &format!("cuMemHostRegister of {len} bytes of staging slots"),
-        )
-    }
-
-    /// Page-locks `slot` unless it is already, so that copies between it and the GPU run
-    /// asynchronously.
-    pub fn pin(&mut self, slot: usize) -> Result<()> {
-        if self.pinned[slot] {
-            return Ok(());
-        }
-        // Whole pages (else all were locked in `new`): slot < slots, so it lies in the mapping.
-        self.register(slot * self.slot_size, self.slot_size)?;
-        self.pinned[slot] = true;
-        Ok(())
-    }
-
-    /// Slots page-locked so far.
-    pub fn pinned(&self) -> usize {
-        self.pinned.iter().filter(|&&p| p).count()
-    }
-
-    pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr
-    }
-
-    pub fn len(&self) -> usize {
-        self.slot_size * self.pinned.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.pinned.is_empty()
-    }
-}
-
-impl Drop for SlotMemory {
-    fn drop(&mut self) {
-        if let Ok(_ctx) = self.gpu.enter() {
-            let starts = if self.whole() { 0..1 } else { 0..self.pinned.len() };
-            for slot in starts.filter(|&s| self.pinned[s]) {
-                // SAFETY: registered in pin(), unregistered once here; the owner made sure no copy
-                // still uses it.
-                let _ = unsafe { sys::cuMemHostUnregister(self.ptr.add(slot * self.slot_size).cast()) };
-            }
-        }
-        // SAFETY: the range mapped in new(), unmapped once here.
-        unsafe { libc::munmap(self.ptr.cast(), self.len()) };
     }
 }
 

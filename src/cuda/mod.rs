@@ -21,6 +21,7 @@ pub mod pieces;
 pub mod pointer;
 pub mod ring;
 pub mod segments;
+pub mod slots;
 pub mod small_copy;
 pub mod stream;
 

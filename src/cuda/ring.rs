@@ -20,8 +20,8 @@ use std::sync::{Arc, Once};
 
 use cudarc::driver::sys;
 
-use super::memory::SlotMemory;
 use super::segments::{Built, SegmentKernel};
+use super::slots::SlotMemory;
 use super::stream::{Event, Stream, shared_streams};
 use super::unpack::addressable;
 use super::{Gpu, check};
@@ -217,9 +217,16 @@ impl StagingRing {
         self.slot_lane.len()
     }
 
-    /// Slots page-locked so far: each is on its first copy.
+    /// Slots page-locked so far: each at its first copy, or ahead of it
+    /// ([`StagingRing::lock_ahead`]).
     pub fn pinned_slots(&self) -> usize {
         self.host.pinned()
+    }
+
+    /// Has every slot page-locked in the background, ahead of the copies
+    /// (`SlotMemory::lock_ahead`): for a ring made before its first transfer.
+    pub fn lock_ahead(&self) {
+        self.host.lock_ahead();
     }
 
     /// The bytes of all slots, for a transport that wants them registered.

@@ -2,7 +2,6 @@
 //! only when it names a region of this engine, carries that region's random token, and lies inside a
 //! window that `prepare_fifo` advertised.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
@@ -16,7 +15,7 @@ use rustc_hash::FxHashMap as IdMap;
 use crate::cuda::ipc::Export;
 use crate::error::{Error, Result};
 use crate::proto::{Capability, FifoItem, Place, RemoteSeg, TokenBinding};
-use crate::threads::{ThreadKind, spawn_contained};
+use crate::threads::{ThreadKind, WorkQueue, spawn_contained};
 use crate::transport::MemKind;
 
 /// Distinct windows a region may advertise; callers normally advertise once per registration.
@@ -28,41 +27,10 @@ const HUGE_RECHECK_NS: u64 = 1_000_000_000;
 /// (`Region::collapse_into_huge_pages`).
 static COLLAPSING: AtomicUsize = AtomicUsize::new(0);
 
-/// Regions waiting for their collapse, and whether a worker serves them. One thread takes them in
-/// turn: the process's pace (`host_memory::collapse`) lets one slice run at a time anyway, so a
-/// thread per region would only add threads waiting on that pace.
-static COLLAPSES: Mutex<CollapseQueue> = Mutex::new(CollapseQueue { waiting: VecDeque::new(), worker: false });
-
-struct CollapseQueue {
-    waiting: VecDeque<Weak<Region>>,
-    worker: bool,
-}
-
-impl CollapseQueue {
-    /// Queues `region`; whether a worker must be started for it (none serves the queue yet).
-    fn push(&mut self, region: Weak<Region>) -> bool {
-        self.waiting.push_back(region);
-        !std::mem::replace(&mut self.worker, true)
-    }
-
-    /// The next region for the worker, or `None` when the queue is empty, after which the worker
-    /// must end: the next push starts another.
-    fn pop(&mut self) -> Option<Weak<Region>> {
-        let next = self.waiting.pop_front();
-        if next.is_none() {
-            self.worker = false;
-        }
-        next
-    }
-
-    /// Forgets every waiting region (they stay on small pages) and the worker.
-    fn abandon(&mut self) -> usize {
-        self.worker = false;
-        let n = self.waiting.len();
-        self.waiting.clear();
-        n
-    }
-}
+/// Regions waiting for their collapse. One thread takes them in turn: the process's pace
+/// (`host_memory::collapse`) lets one slice run at a time anyway, so a thread per region would only
+/// add threads waiting on that pace.
+static COLLAPSES: Mutex<WorkQueue<Weak<Region>>> = Mutex::new(WorkQueue::new());
 
 #[derive(Debug)]
 pub struct Region {
@@ -682,31 +650,6 @@ mod tests {
         let device = t.register(memory.addr(), LEN, MemKind::Cuda { device: 0 }).unwrap();
         let device = t.get(device).unwrap();
         assert!(!device.on_huge_pages() && !device.collapse_due(), "device memory is never looked at");
-    }
-
-    /// One worker serves the queue: only the first region queued while none runs starts one, the
-    /// worker takes regions in turn and ends when none is left, and the next region starts another.
-    #[test]
-    fn one_worker_serves_every_queued_collapse() {
-        let mut q = CollapseQueue { waiting: VecDeque::new(), worker: false };
-        let regions: Vec<Arc<Region>> = (0..4)
-            .map(|i| {
-                let t = RegionTable::default();
-                t.get(t.register(0x1000 * (i + 1), 4096, MemKind::Host).unwrap()).unwrap()
-            })
-            .collect();
-        let starts: Vec<bool> = regions.iter().map(|r| q.push(Arc::downgrade(r))).collect();
-        assert_eq!(starts, [true, false, false, false], "only the first starts a worker");
-        for r in &regions {
-            let next = q.pop().and_then(|w| w.upgrade()).expect("queued in order");
-            assert!(Arc::ptr_eq(&next, r));
-            assert!(q.worker, "the worker runs while regions are left");
-        }
-        assert!(q.pop().is_none() && !q.worker, "an empty queue ends the worker");
-        assert!(q.push(Arc::downgrade(&regions[0])), "the next region starts another");
-        assert!(!q.push(Arc::downgrade(&regions[1])));
-        assert_eq!(q.abandon(), 2);
-        assert!(!q.worker && q.waiting.is_empty());
     }
 
     /// Several regions asked for at once all end collapsed or left as the kernel allows, contents

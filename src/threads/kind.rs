@@ -32,6 +32,8 @@ pub enum ThreadKind {
     HostCopyHelper,
     /// A thread collapsing one region's memory into huge pages (`Region::collapse_into_huge_pages`).
     Collapse,
+    /// The thread locking staging slots ahead of their first copy (`cuda::slots`).
+    SlotLocker,
 }
 
 impl ThreadKind {
@@ -50,6 +52,7 @@ impl ThreadKind {
             ThreadKind::ControlReactor => "control reactor thread",
             ThreadKind::HostCopyHelper => "host copy helper thread",
             ThreadKind::Collapse => "huge-page collapse thread",
+            ThreadKind::SlotLocker => "staging slot locking thread",
         }
     }
 

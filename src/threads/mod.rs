@@ -10,6 +10,7 @@
 mod contain;
 mod fault;
 mod kind;
+mod queue;
 mod warm;
 
 /// The message of a panic payload, for tools that catch panics of their own threads (the bench).
@@ -22,4 +23,5 @@ pub use fault::{
     clear_panic, clear_wait_failure, inject_panic, inject_wait_failure, panic_pending, wait_failure_pending,
 };
 pub use kind::ThreadKind;
+pub(crate) use queue::WorkQueue;
 pub(crate) use warm::on_start;

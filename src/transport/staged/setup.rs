@@ -99,12 +99,14 @@ impl Setup {
         }
     }
 
-    /// A ring of this net's slots for `gpu`, its segment kernel readied where it is built.
+    /// A ring of this net's slots for `gpu`, its segment kernel readied where it is built, its
+    /// slots being locked in the background from the last down while its first copies lock theirs.
     pub(super) fn make_ring(&self, gpu: &Arc<Gpu>) -> Result<StagingRing> {
         let params = self.params;
         let mut ring = StagingRing::new(gpu, params.slot_size, params.slots, params.streams())?;
         ring.set_gather(params.tuning.gather);
         ring.prepare_kernels();
+        ring.lock_ahead();
         Ok(ring)
     }
 

@@ -1,0 +1,323 @@
+//! A staging ring's host memory: slots page-locked one by one, each at its first copy or ahead of
+//! it on the process's slot locker ([`SlotMemory::lock_ahead`]), whichever comes first.
+//!
+//! Locked all at once, a connection's four rings of 16 MiB took 25-30 ms of its setup on one H200
+//! (`cuMemHostAlloc` of 16 MiB 5-9 ms, most of it faulting and zeroing the pages), which a request
+//! made right after loading the peer waited for. Locked at first use only, a 2 MiB slot costs its
+//! first copy about 0.6 ms, and a first transfer that touches every slot of four rings pays that
+//! 32 times on each side. So a ring's slots are locked in the background, from the last down, while
+//! copies take them from the first up: SGLang's first push of 8 KiB pages, a second after loading
+//! the peer, took 1.2-2.0x a steady one instead of 2.7-3.5x (one H200); one made at once waits for
+//! the connection's setup either way. The mapping asks for huge pages (locking them took 0.6x the
+//! time of small ones there) and is left out of forked children, which must not share pages the
+//! GPU writes.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
+
+use cudarc::driver::sys;
+use parking_lot::Mutex;
+
+use super::{Gpu, check};
+use crate::error::{Error, Result};
+use crate::host_memory::{HUGE_PAGE, page_size};
+use crate::threads::{ThreadKind, WorkQueue, spawn_contained};
+
+/// Which slots are locked, and who is locking one: a copy at the slot's first use, or the locker.
+/// Plain bookkeeping over any way of locking, tested without a GPU.
+struct SlotLocks {
+    /// Read without a lock by every copy.
+    locked: Vec<AtomicBool>,
+    /// Held while a slot is being locked, so that it is locked once.
+    claims: Vec<Mutex<()>>,
+}
+
+impl SlotLocks {
+    fn new(slots: usize, locked: bool) -> SlotLocks {
+        SlotLocks {
+            locked: (0..slots).map(|_| AtomicBool::new(locked)).collect(),
+            claims: (0..slots).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    /// Locks `slot` with `lock` unless it is; a copy waits here while the locker locks it.
+    fn lock(&self, slot: usize, lock: impl FnOnce() -> Result<()>) -> Result<()> {
+        if self.locked[slot].load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _claim = self.claims[slot].lock();
+        self.lock_claimed(slot, lock)
+    }
+
+    /// Locks `slot` with `lock` unless it is or someone is locking it now (a copy: the locker
+    /// moves on).
+    fn lock_unclaimed(&self, slot: usize, lock: impl FnOnce() -> Result<()>) -> Result<()> {
+        match self.claims[slot].try_lock() {
+            Some(_claim) => self.lock_claimed(slot, lock),
+            None => Ok(()),
+        }
+    }
+
+    fn lock_claimed(&self, slot: usize, lock: impl FnOnce() -> Result<()>) -> Result<()> {
+        if !self.locked[slot].load(Ordering::Acquire) {
+            lock()?;
+            self.locked[slot].store(true, Ordering::Release);
+        }
+        Ok(())
+    }
+
+    fn is_locked(&self, slot: usize) -> bool {
+        self.locked[slot].load(Ordering::Acquire)
+    }
+
+    fn count(&self) -> usize {
+        self.locked.iter().filter(|l| l.load(Ordering::Acquire)).count()
+    }
+
+    fn len(&self) -> usize {
+        self.locked.len()
+    }
+}
+
+/// The mapping, shared by its ring and the locker while the locker works on it.
+struct Slots {
+    gpu: Arc<Gpu>,
+    ptr: *mut u8,
+    slot_size: usize,
+    locks: SlotLocks,
+}
+
+// SAFETY: a plain mapping; who may touch which bytes when is up to the owner (the staging ring).
+// The locker only page-locks slots, which changes no byte, under the slot's claim.
+unsafe impl Send for Slots {}
+// SAFETY: as above; shared references lock slots through `locks` and hand out addresses only.
+unsafe impl Sync for Slots {}
+
+impl Slots {
+    /// Whether the slots are locked as one range: slots of part of a page cannot be locked apart.
+    fn whole(&self) -> bool {
+        !self.slot_size.is_multiple_of(page_size())
+    }
+
+    fn len(&self) -> usize {
+        self.slot_size * self.locks.len()
+    }
+
+    /// Page-locks `len` bytes from `at` of the mapping.
+    fn register(&self, at: usize, len: usize) -> Result<()> {
+        let _ctx = self.gpu.enter()?;
+        check(
+            // SAFETY: the range lies in the live mapping (the callers' bounds); the GPU's context is
+            // current (entered above).
+            unsafe { sys::cuMemHostRegister_v2(self.ptr.add(at).cast(), len, sys::CU_MEMHOSTREGISTER_PORTABLE) },
+            &format!("cuMemHostRegister of {len} bytes of staging slots"),
+        )
+    }
+
+    /// Page-locks `slot` now, on whatever thread asks.
+    fn lock_slot(&self, slot: usize) -> Result<()> {
+        // Whole pages (else all were locked in `new`): slot < slots, so it lies in the mapping.
+        self.register(slot * self.slot_size, self.slot_size)
+    }
+}
+
+impl Drop for Slots {
+    fn drop(&mut self) {
+        if let Ok(_ctx) = self.gpu.enter() {
+            let starts = if self.whole() { 0..1 } else { 0..self.locks.len() };
+            for slot in starts.filter(|&s| self.locks.is_locked(s)) {
+                // SAFETY: registered once by lock_slot or new, unregistered once here; the ring
+                // made sure no copy still uses it, and the locker holds no reference.
+                let _ = unsafe { sys::cuMemHostUnregister(self.ptr.add(slot * self.slot_size).cast()) };
+            }
+        }
+        // SAFETY: the range mapped in new(), unmapped once here.
+        unsafe { libc::munmap(self.ptr.cast(), self.len()) };
+    }
+}
+
+/// Host memory cut into slots, each page-locked before its first copy uses it. Frees itself on
+/// drop (after the locker let go of it).
+pub struct SlotMemory {
+    slots: Arc<Slots>,
+}
+
+impl SlotMemory {
+    pub fn new(gpu: &Arc<Gpu>, slot_size: usize, slots: usize) -> Result<SlotMemory> {
+        let len = slot_size
+            .checked_mul(slots)
+            .filter(|&n| n > 0 && n <= isize::MAX as usize - HUGE_PAGE)
+            .ok_or_else(|| Error::invalid(format!("{slots} staging slots of {slot_size} bytes")))?;
+        // Mapped a huge page longer, then trimmed to a huge-page-aligned range.
+        let over = len + HUGE_PAGE;
+        // SAFETY: a fresh anonymous mapping; no existing memory is touched.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                over,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return Err(Error::backend(format!(
+                "mmap of {over} bytes for staging slots: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        let (raw, start) = (raw as usize, (raw as usize).next_multiple_of(HUGE_PAGE));
+        // SAFETY: both ranges lie in the mapping made above and outside [start, start + len).
+        unsafe {
+            if start > raw {
+                libc::munmap(raw as *mut libc::c_void, start - raw);
+            }
+            libc::munmap((start + len) as *mut libc::c_void, raw + over - start - len);
+            // Advice only: a kernel without transparent huge pages keeps small ones.
+            libc::madvise(start as *mut libc::c_void, len, libc::MADV_HUGEPAGE);
+            libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTFORK);
+        }
+        let mut memory =
+            Slots { gpu: gpu.clone(), ptr: start as *mut u8, slot_size, locks: SlotLocks::new(slots, false) };
+        if memory.whole() {
+            memory.register(0, len)?;
+            memory.locks = SlotLocks::new(slots, true);
+        }
+        Ok(SlotMemory { slots: Arc::new(memory) })
+    }
+
+    /// Page-locks `slot` unless it is already, so that copies between it and the GPU run
+    /// asynchronously; waits while the locker is locking it.
+    pub fn pin(&self, slot: usize) -> Result<()> {
+        let slots = &self.slots;
+        slots.locks.lock(slot, || slots.lock_slot(slot))
+    }
+
+    /// Has the process's slot locker lock every slot not yet locked, from the last down, on its
+    /// own thread. A slot it fails on is left to its first copy, which reports the failure.
+    pub fn lock_ahead(&self) {
+        if self.slots.locks.count() == self.slots.locks.len() {
+            return;
+        }
+        if !LOCKER.lock().push(Arc::downgrade(&self.slots)) {
+            return;
+        }
+        let builder = std::thread::Builder::new().name("uccl-slot-lock".into());
+        // A panic leaves the queued slots to their first copies.
+        let on_panic = |_| {
+            LOCKER.lock().abandon();
+        };
+        let spawned = spawn_contained(builder, ThreadKind::SlotLocker, on_panic, || {
+            // The queue's lock is held only to take the next ring, never while locking.
+            while let Some(next) = LOCKER.lock().pop() {
+                lock_all(next);
+            }
+        });
+        if let Err(e) = spawned {
+            LOCKER.lock().abandon();
+            log::debug!("no thread to lock staging slots ahead: {e}");
+        }
+    }
+
+    /// Slots page-locked so far.
+    pub fn pinned(&self) -> usize {
+        self.slots.locks.count()
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.slots.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.locks.len() == 0
+    }
+}
+
+/// Rings whose slots wait to be locked ahead, served by one thread: locking is the driver's and
+/// the kernel's work (faulting, zeroing, pinning pages), which more threads did not hide.
+static LOCKER: Mutex<WorkQueue<Weak<Slots>>> = Mutex::new(WorkQueue::new());
+
+/// Slots the locker locked, for tests.
+static LOCKED_AHEAD: AtomicU64 = AtomicU64::new(0);
+
+/// Locks the slots of `slots` from the last down while the ring lives, skipping those a copy is
+/// locking.
+fn lock_all(slots: Weak<Slots>) {
+    let Some(count) = slots.upgrade().map(|s| s.locks.len()) else { return };
+    for slot in (0..count).rev() {
+        // Held for one slot at a time, so that a ring dropped meanwhile is freed at its drop.
+        let Some(s) = slots.upgrade() else { return };
+        let mut locked_here = false;
+        let done = s.locks.lock_unclaimed(slot, || {
+            locked_here = true;
+            s.lock_slot(slot)
+        });
+        if let Err(e) = done {
+            log::debug!("staging slot not locked ahead, left to its first copy: {}", e.message());
+            return;
+        }
+        if locked_here {
+            LOCKED_AHEAD.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+/// Slots the process's locker has locked ahead of their first copy so far.
+pub fn locked_ahead() -> u64 {
+    LOCKED_AHEAD.load(Ordering::Relaxed)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use super::SlotLocks;
+    use crate::error::Error;
+
+    /// A copy and the locker going at the same slots from both ends lock each exactly once, and
+    /// every slot ends locked.
+    #[test]
+    fn each_slot_is_locked_once_whoever_gets_there_first() {
+        const SLOTS: usize = 64;
+        for _ in 0..50 {
+            let locks = SlotLocks::new(SLOTS, false);
+            let calls: Vec<AtomicUsize> = (0..SLOTS).map(|_| AtomicUsize::new(0)).collect();
+            let lock = |slot: usize| {
+                calls[slot].fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+                Ok(())
+            };
+            std::thread::scope(|s| {
+                s.spawn(|| (0..SLOTS).rev().for_each(|i| locks.lock_unclaimed(i, || lock(i)).unwrap()));
+                s.spawn(|| (0..SLOTS).for_each(|i| locks.lock(i, || lock(i)).unwrap()));
+                s.spawn(|| (0..SLOTS).for_each(|i| locks.lock(i, || lock(i)).unwrap()));
+            });
+            assert_eq!(locks.count(), SLOTS);
+            assert!(calls.iter().all(|c| c.load(Ordering::Relaxed) == 1), "a slot locked twice or never");
+        }
+    }
+
+    /// A failed lock leaves its slot unlocked and says why; the next copy tries again. The locker
+    /// skips a slot a copy holds, and locks nothing already locked.
+    #[test]
+    fn a_failed_lock_is_reported_and_tried_again() {
+        let locks = SlotLocks::new(2, false);
+        let err = locks.lock(0, || Err(Error::backend("no memory to lock"))).unwrap_err();
+        assert!(err.message().contains("no memory to lock"));
+        assert_eq!(locks.count(), 0);
+        locks.lock(0, || Ok(())).unwrap();
+        locks.lock(0, || panic!("locked again")).unwrap();
+        locks.lock_unclaimed(0, || panic!("locked again")).unwrap();
+        let claim = locks.claims[1].lock();
+        locks.lock_unclaimed(1, || panic!("the locker took a slot a copy holds")).unwrap();
+        drop(claim);
+        assert_eq!(locks.count(), 1);
+        locks.lock_unclaimed(1, || Ok(())).unwrap();
+        assert_eq!(locks.count(), 2);
+    }
+}
