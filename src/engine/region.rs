@@ -15,7 +15,7 @@ use rustc_hash::FxHashMap as IdMap;
 use crate::cuda::ipc::Export;
 use crate::error::{Error, Result};
 use crate::proto::{Capability, FifoItem, Place, RemoteSeg, TokenBinding};
-use crate::threads::{ThreadKind, WorkQueue, spawn_contained};
+use crate::threads::{ThreadKind, WorkQueue, serve, spawn_contained};
 use crate::transport::MemKind;
 
 /// Distinct windows a region may advertise; callers normally advertise once per registration.
@@ -166,11 +166,10 @@ impl Region {
             COLLAPSING.fetch_sub(forgotten + 1, Ordering::AcqRel);
         };
         let spawned = spawn_contained(builder, ThreadKind::Collapse, on_panic, || {
-            // The lock is held only to take the next region, never while collapsing.
-            while let Some(next) = COLLAPSES.lock().pop() {
+            serve(&COLLAPSES, |next| {
                 collapse_region(next);
                 COLLAPSING.fetch_sub(1, Ordering::AcqRel);
-            }
+            });
         });
         if let Err(e) = spawned {
             let forgotten = COLLAPSES.lock().abandon();

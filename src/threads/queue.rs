@@ -4,6 +4,8 @@
 
 use std::collections::VecDeque;
 
+use parking_lot::Mutex;
+
 pub(crate) struct WorkQueue<T> {
     waiting: VecDeque<T>,
     worker: bool,
@@ -40,9 +42,42 @@ impl<T> WorkQueue<T> {
     }
 }
 
+/// The worker's loop: `work` on each item of `queue` in turn until it is empty. The queue's lock is
+/// held only to take the next item, never during `work`: a `while let` over `queue.lock().pop()`
+/// would hold it through the body, and every push meanwhile (a registration, a ring being made)
+/// would wait for the work (the slot locker's 8 slots: 7-8 ms).
+pub fn serve<T>(queue: &Mutex<WorkQueue<T>>, mut work: impl FnMut(T)) {
+    loop {
+        let next = queue.lock().pop();
+        let Some(item) = next else { return };
+        work(item);
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::WorkQueue;
+    use parking_lot::Mutex;
+
+    use super::{WorkQueue, serve};
+
+    /// The worker takes every item in order and ends on the empty queue, and the queue is free
+    /// while it works: an item pushed during the work is served by the same worker.
+    #[test]
+    fn the_worker_holds_the_queue_only_to_take_an_item() {
+        let queue = Mutex::new(WorkQueue::new());
+        assert!(queue.lock().push(1));
+        let mut seen = Vec::new();
+        serve(&queue, |item| {
+            let mut q = queue.try_lock().expect("the queue is locked during the work");
+            if item == 1 {
+                assert!(!q.push(2), "the running worker serves it");
+            }
+            drop(q);
+            seen.push(item);
+        });
+        assert_eq!(seen, [1, 2]);
+        assert!(queue.lock().push(3), "the worker ended: the next item starts another");
+    }
 
     #[test]
     fn one_worker_serves_the_queue_until_it_runs_dry() {
