@@ -117,9 +117,9 @@ impl Slots {
     /// Page-locks `slot` now, on whatever thread asks. Its pages are faulted in first, outside the
     /// driver: `cuMemHostRegister` holds a lock that every other driver call of the process waits
     /// for (a copy's issue, an event's query, a ring being made), and faulting and zeroing fresh
-    /// pages was most of its time (one H200: making a ring took 4-8 ms beside the locker, against
-    /// 0.1-0.4 ms alone). Populating only maps the pages writable; it writes no byte, so a slot a
-    /// socket is filling is safe.
+    /// pages was most of its time (one H200: making a ring beside the locker took 4.5-8.5 ms with
+    /// the faults inside the registration, 0.15-1.4 ms with them outside). Populating only maps the
+    /// pages writable; it writes no byte, so a slot a socket is filling is safe.
     fn lock_slot(&self, slot: usize) -> Result<()> {
         // Whole pages (else all were locked in `new`): slot < slots, so it lies in the mapping.
         let at = slot * self.slot_size;
@@ -135,8 +135,9 @@ impl Drop for Slots {
         if let Ok(_ctx) = self.gpu.enter() {
             let starts = if self.whole() { 0..1 } else { 0..self.locks.len() };
             for slot in starts.filter(|&s| self.locks.is_locked(s)) {
-                // SAFETY: registered once by lock_slot or new, unregistered once here; the ring
-                // made sure no copy still uses it, and the locker holds no reference.
+                // SAFETY: registered once by lock_slot or new, unregistered once here, as the last
+                // holder lets go (the ring, which made sure no copy still uses it, or the locker
+                // done with a slot of a ring already dropped).
                 let _ = unsafe { sys::cuMemHostUnregister(self.ptr.add(slot * self.slot_size).cast()) };
             }
         }
