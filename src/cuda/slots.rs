@@ -7,8 +7,8 @@
 //! first copy about 0.6 ms, and a first transfer that touches every slot of four rings pays that
 //! 32 times on each side. So a ring's slots are locked in the background, from the last down, while
 //! copies take them from the first up: SGLang's first push of 8 KiB pages, a second after loading
-//! the peer, took 0.85-1.84x a steady one instead of 2.5-3.2x (one H200); one made at once waits
-//! for the connection's setup either way. The mapping asks for huge pages (locking them took 0.6x the
+//! the peer, took 0.85-1.84x a steady one instead of 2.5-3.2x (one H200); one made at once still
+//! locks the slots it reaches before the locker. The mapping asks for huge pages (locking them took 0.6x the
 //! time of small ones there) and is left out of forked children, which must not share pages the
 //! GPU writes.
 
