@@ -1270,6 +1270,27 @@ def sg_aux_pattern(rooms):
     return np.random.default_rng(11).integers(0, 256, size=rooms * SG_AUX, dtype=np.uint8)
 
 
+def sg_diff(got, region, page):
+    """Which pages of `region` hold other bytes than the prefill side's, and what they hold: zeros
+    (nothing landed), another page's bytes (named by region and page, from its first word), or
+    bytes of no page."""
+    want = sg_pattern(len(got), region)
+    bad = [p for p in range(len(got) // page) if not np.array_equal(got[p * page:(p + 1) * page], want[p * page:(p + 1) * page])]
+    words = -(-len(got) // 8)
+    told = []
+    for p in bad[:4]:
+        chunk = got[p * page:(p + 1) * page]
+        if not chunk.any():
+            told.append(f"page {p}: zeros")
+            continue
+        first = int(chunk[:8].view(np.uint64)[0]) * pow(0x9E3779B97F4A7C15, -1, 1 << 64) % (1 << 64)
+        r, w = divmod(first, words)
+        src = f"region {r} page {w * 8 // page} (+{w * 8 % page} B)" if r < SG_REGIONS else "no page's bytes"
+        diff = np.flatnonzero(chunk != want[p * page:(p + 1) * page])
+        told.append(f"page {p}: starts as {src}, bytes {diff[0]}..{diff[-1]} differ")
+    return f"{len(bad)} of {len(got) // page} pages; " + "; ".join(told)
+
+
 class SgKv:
     """One side's KV regions: the prefill pattern, or zeros, in host memory or on GPU `gpu`. Every
     page is written here first, so no transfer meets a page the kernel has yet to map."""
@@ -1359,8 +1380,9 @@ def sglang_target(pipe, setup, shape, gpu):
         if last is not None:
             n = slots * page
             for r in range(SG_REGIONS):
-                if not np.array_equal(kv.region(r), sg_pattern(n, r)):
-                    problems.append(f"KV region {r} differs from the prefill side's")
+                got = kv.region(r)
+                if not np.array_equal(got, sg_pattern(n, r)):
+                    problems.append(f"KV region {r} differs from the prefill side's: {sg_diff(got, r, page)}")
             if not np.array_equal(aux, sg_aux_pattern(rooms)):
                 problems.append("aux differs from the prefill side's")
             # The check took a while: a stray notification would be in by now.

@@ -10,7 +10,8 @@
 #                      libraries, NIXL's own UCX plugin (the anchor) with UCX's cuda and cma
 #                      modules, and pyzmq (benchmark_nixl.py imports it)
 #   numpy-*.whl        for a Python whose torch came without numpy (used only then)
-#   uccl-tcpx-bench, scripts/ (the drivers below, run from here), README.md and docs/*.md (for
+#   uccl-tcpx-bench, scripts/ (the drivers below, run from here; the serving harnesses, `--vram`;
+#   blocking.py), README.md and docs/*.md (for
 #   the snippet runner), uccl/p2p/{tests,benchmarks}/*.py when UCCL_TREE is given (UCCL's Python
 #   tests and benchmark_nixl.py, for uccl_python_tests.sh and nixl_tcpx_benchmark.sh), bundle.env
 #
@@ -102,6 +103,9 @@ for s in nixl_plugin_gpu_run.sh nixl_plugin_env.sh nixl_plugin_tests.py nixl_plu
   nixl_tcpx_benchmark.sh nixl_uccl_benchmark.sh uccl_python_tests.sh doc_snippets.py; do
   cp "$repo/scripts/$s" "$out/scripts/"
 done
+mkdir -p "$out/scripts/serving"
+cp "$repo"/scripts/serving/*.py "$out/scripts/serving/"
+cp "$repo/python/benchmarks/blocking.py" "$out/scripts/"
 cp "$repo/README.md" "$out/"
 cp "$repo"/docs/*.md "$out/docs/"
 if [[ -n "$uccl" ]]; then

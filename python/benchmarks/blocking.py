@@ -2,11 +2,11 @@
 blocking `write` (or `read`) alternate with blocks of `write_async` + a `poll_async` loop between
 two processes of this host, and the table gives the median of each and their ratio (a blocking
 call that wakes late shows as a ratio over 1). Host memory by default; `--gpu` puts the client on
-GPU 0 and the server on GPU 1 (PyTorch). The path is the engine's choice: the same-host one, or
+GPU 0 and the server on GPU 1 (PyTorch), `--gpus C,S` on GPUs C and S (which may be one GPU). The path is the engine's choice: the same-host one, or
 the network one with UCCL_TCPX_DISABLE_IPC=1 set for both processes. Every transfer's bytes are
 checked once per size.
 
-    python benchmarks/blocking.py [--gpu] [--sizes 4K,64K,1M,16M,64M,256M] [--iters 40] [--ops write,read]
+    python benchmarks/blocking.py [--gpu [--gpus 0,1]] [--sizes 4K,64K,1M,16M,64M,256M] [--iters 40] [--ops write,read]
 """
 
 import argparse
@@ -21,17 +21,18 @@ from uccl_tcpx import p2p
 SERVER = """
 import sys
 from uccl_tcpx import p2p
-n, gpu = int(sys.argv[1]), sys.argv[2] == "gpu"
+n, gpu = int(sys.argv[1]), sys.argv[2] != "cpu"
 if gpu:
     import torch
-    torch.cuda.set_device(1)
-    buf = torch.zeros(n, dtype=torch.uint8, device="cuda:1")
+    dev = int(sys.argv[2])
+    torch.cuda.set_device(dev)
+    buf = torch.zeros(n, dtype=torch.uint8, device=f"cuda:{dev}")
     ptr = buf.data_ptr()
 else:
     import numpy as np
     buf = np.zeros(n, np.uint8)
     ptr = buf.ctypes.data
-ep = p2p.Endpoint(1 if gpu else 0)
+ep = p2p.Endpoint(dev if gpu else 0)
 _, mr = ep.reg(ptr, n)
 _, meta = ep.advertise(mr, ptr, n)
 print(ep.get_metadata().hex(), meta.hex(), flush=True)
@@ -52,6 +53,7 @@ def size_arg(s):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--gpus", default="0,1", help="with --gpu: the client's GPU and the server's")
     ap.add_argument("--sizes", default="4K,64K,1M,16M,64M,256M")
     ap.add_argument("--iters", type=int, default=40, help="transfers of each kind a size, in blocks of 4")
     ap.add_argument("--ops", default="write,read")
@@ -59,13 +61,17 @@ def main():
     args = ap.parse_args()
     sizes = [size_arg(s) for s in args.sizes.split(",")]
     largest = max(sizes)
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(largest), "gpu" if args.gpu else "cpu"],
+    try:
+        client_gpu, server_gpu = (int(g) for g in args.gpus.split(","))
+    except ValueError:
+        ap.error(f"--gpus takes two GPU indices, C,S; got {args.gpus!r}")
+    server = subprocess.Popen([sys.executable, "-c", SERVER, str(largest), str(server_gpu) if args.gpu else "cpu"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     meta_hex, fifo_hex = server.stdout.readline().split()
     if args.gpu:
         import torch
-        torch.cuda.set_device(0)
-        src = torch.randint(0, 256, (largest,), dtype=torch.uint8, device="cuda:0")
+        torch.cuda.set_device(client_gpu)
+        src = torch.randint(0, 256, (largest,), dtype=torch.uint8, device=f"cuda:{client_gpu}")
         ptr = src.data_ptr()
         expect = lambda k: int(src[:k].sum(dtype=torch.int64).item())  # noqa: E731
     else:
@@ -73,7 +79,7 @@ def main():
         src = np.random.default_rng(7).integers(0, 256, largest, dtype=np.uint8)
         ptr = src.ctypes.data
         expect = lambda k: int(src[:k].astype("int64").sum())  # noqa: E731
-    ep = p2p.Endpoint(0)
+    ep = p2p.Endpoint(client_gpu if args.gpu else 0)
     ok, conn = ep.add_remote_endpoint(bytes.fromhex(meta_hex))
     assert ok, "connect"
     fifo = bytes.fromhex(fifo_hex)
@@ -119,7 +125,7 @@ def main():
     server.wait(timeout=30)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"gpu": args.gpu, "rows": rows}, f, indent=1)
+            json.dump({"gpu": args.gpu and args.gpus, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
-"""Shared pieces of the serving-stack harnesses of this folder (run by run.py): NIXL's Python API
-and the byte pattern as scripts/nixl_plugin_tests.py has them (imported from there), a driver
-process and two role processes (prefill and decode, or sender and receiver) that talk over pipes
-where the stacks use ZMQ, bounded waits everywhere, and failures that name their step.
+"""Shared pieces of the serving-stack harnesses of this folder (run by run.py): NIXL's Python API,
+the byte pattern and the buffer (host memory, or with --vram a GPU's) as scripts/nixl_plugin_tests.py
+has them (imported from there), a driver process and two role processes (prefill and decode, or
+sender and receiver) that talk over pipes where the stacks use ZMQ, bounded waits everywhere, and
+failures that name their step.
 
 The NIXL calls follow NIXL's Python agent, ai-dynamo/nixl src/api/python/_api.py @ 8770b655a6b1
 (1.4.0): nixl_agent_config(backends=...) gives each listed backend `{}` unless num_threads > 0
@@ -16,6 +17,7 @@ import faulthandler
 import multiprocessing as mp
 import os
 import queue
+import re
 import sys
 import threading
 import time
@@ -28,8 +30,8 @@ SCRIPTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if SCRIPTS not in sys.path:
     sys.path.insert(0, SCRIPTS)
 
-# The harnesses take these from here (the same API and pattern as the plugin's own tests).
-from nixl_plugin_tests import nixl_agent, nixl_agent_config, pattern  # noqa: E402,F401
+# The harnesses take these from here (the same API, pattern and buffers as the plugin's own tests).
+from nixl_plugin_tests import Mem, nixl_agent, nixl_agent_config, pattern  # noqa: E402,F401
 
 _api = sys.modules[nixl_agent.__module__]
 # Both NIXL versions tested have it; a version without it gets agents without a sync mode.
@@ -104,6 +106,56 @@ def wait_done(agent, handle, what, sleep_s=0.0, deadline=None):
         if time.monotonic() > deadline:
             raise Failure(current_step(), f"{what}: still PROC after {WAIT_S:.0f} s (hang)")
         time.sleep(sleep_s)
+
+
+# ---- memory: host, or with --vram I,T a GPU's ---------------------------------------------------
+
+# "I,T" under --vram (set by harness_main, read by the roles): the GPU of the first role's KV
+# memory (prefill, sender, the side written from or read from) and of the second's (decode, receiver).
+VRAM_ENV = "SERVING_VRAM"
+VRAM_USAGE = "--vram takes I,T: the GPUs of the first role's KV memory and of the second's, e.g. 0,0"
+
+
+def parse_vram(value):
+    m = re.fullmatch(r"([0-9]+),([0-9]+)", value or "")
+    return (int(m[1]), int(m[2])) if m else None
+
+
+def check_vram(value):
+    """--vram's value as (I, T), GPUs torch sees; otherwise the driver exits saying why, before any
+    role starts."""
+    gpus = parse_vram(value)
+    if gpus is None:
+        sys.exit(f"{VRAM_USAGE}; not {value!r}")
+    try:
+        import torch
+    except Exception as e:
+        sys.exit(f"--vram needs torch, for the GPU memory; {sys.executable} cannot import it ({e})")
+    n = torch.cuda.device_count()
+    if max(gpus) >= n:
+        sys.exit(f"--vram {value}: torch sees {n} GPU{'' if n == 1 else 's'}")
+    return gpus
+
+
+def role_gpu(second=False):
+    """The GPU of this role's KV memory under --vram (the first role's; with second=True the
+    second's), or None on host memory. It is made current here, before the role makes its agents:
+    the engine serves the GPU current on the thread that creates it, as a stack's worker has its own."""
+    gpus = parse_vram(os.environ.get(VRAM_ENV))
+    if gpus is None:
+        return None
+    import torch
+
+    torch.cuda.set_device(gpus[second])
+    return gpus[second]
+
+
+def alloc(nbytes, gpu):
+    """Zeroed memory for the agents: host memory (numpy, .kind "DRAM") for gpu None, else on that
+    GPU (torch, "VRAM"); .addr, .size, .dev (the device id the stacks register); bytes go in with
+    .write(offset, 1-D uint8 array) and come out with .read(offset, n) (on the host, a view not to
+    write through), synchronized with the GPU both ways."""
+    return Mem(nbytes, "DRAM" if gpu is None else "VRAM", gpu or 0)
 
 
 # ---- processes ----------------------------------------------------------------------------------
@@ -401,17 +453,27 @@ PATHS = {"network": {"UCCL_TCPX_DISABLE_IPC": "1"}, "same-host": {"UCCL_TCPX_DIS
 def harness_main(title, scenarios, env=None):
     """Runs each scenario (name, fn) of a harness; fn() drives its role processes and raises
     Failure on any mismatch. Prints PASS or FAIL with the step, and exits with the number of failed
-    scenarios. usage: HARNESS.py [--path network|same-host] [SCENARIO ...]"""
+    scenarios. usage: HARNESS.py [--path network|same-host] [--vram I,T] [SCENARIO ...]"""
     args = sys.argv[1:]
-    path = "network"
-    if args[:1] == ["--path"]:
-        if len(args) < 2 or args[1] not in PATHS:
-            sys.exit(f"--path takes one of {sorted(PATHS)}")
-        path, args = args[1], args[2:]
+    opts = {"--path": "network", "--vram": None}
+    while args and args[0] in opts:
+        if len(args) < 2:
+            sys.exit(f"{args[0]} needs a value; usage: {os.path.basename(sys.argv[0])} "
+                     "[--path network|same-host] [--vram I,T] [SCENARIO ...]")
+        opts[args[0]], args = args[1], args[2:]
+    path, vram = opts["--path"], opts["--vram"]
+    if path not in PATHS:
+        sys.exit(f"--path takes one of {sorted(PATHS)}")
     names = [n for n, _ in scenarios]
     for a in args:
         if a not in names:
             sys.exit(f"unknown scenario {a}; the scenarios: {' '.join(names)}")
+    # The roles read --vram from the environment; the flag alone decides it.
+    os.environ.pop(VRAM_ENV, None)
+    where = f"{path} path"
+    if vram is not None:
+        os.environ[VRAM_ENV] = "%d,%d" % check_vram(vram)
+        where += f", vram {os.environ[VRAM_ENV]}"
     # The engines read their settings from the environment (the stacks create the backend with
     # no parameters): loopback, and the path chosen; the role processes inherit these.
     os.environ.setdefault("UCCL_TCPX_IP", "127.0.0.1")
@@ -428,14 +490,14 @@ def harness_main(title, scenarios, env=None):
         step(name)
         try:
             note = fn()
-            print(f"PASS  {title} {name} ({path} path, {time.monotonic() - start:.2f} s)"
+            print(f"PASS  {title} {name} ({where}, {time.monotonic() - start:.2f} s)"
                   + (f"  {note}" if note else ""), flush=True)
         except Failure as e:
             failed += 1
-            print(f"FAIL  {title} {name} ({path} path) at step [{e.step}]: {e.msg}", flush=True)
+            print(f"FAIL  {title} {name} ({where}) at step [{e.step}]: {e.msg}", flush=True)
         except Exception:
             failed += 1
-            print(f"FAIL  {title} {name} ({path} path) at step [{current_step()}]:\n{traceback.format_exc()}", flush=True)
+            print(f"FAIL  {title} {name} ({where}) at step [{current_step()}]:\n{traceback.format_exc()}", flush=True)
     print(f"{title}: {failed} failed, {time.monotonic() - start_all:.2f} s", flush=True)
     sys.exit(min(failed, 100))
 

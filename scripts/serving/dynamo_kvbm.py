@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """NVIDIA Dynamo's KV block manager (KVBM) choosing NIXL backends from the environment, then our
-backend TCPX moving blocks between two processes on host memory (DRAM).
+backend TCPX moving blocks between two processes on host memory (DRAM) or, with --vram, between
+device blocks on GPUs (VRAM).
 
 Follows ai-dynamo/dynamo lib/memory/src/nixl/config.rs @ b57ee259d30a
 (NixlBackendConfig::from_env, with dynamo_config's parse_bool: true/false, 1/0, on/off, yes/no,
@@ -18,9 +19,10 @@ supported. ..."), so TCPX takes no parameters this way and gets the plugin's def
 nixl_sys; here the same calls go through NIXL's Python agent: nixl_agent(name,
 nixl_agent_config(backends=[])), get_plugin_params("TCPX"), create_backend("TCPX", params).
 Then a short WRITE of blocks between the two agents (initialize_xfer, no notification, polled
-until DONE), every byte checked at the target.
+until DONE), every byte checked at the target; under --vram both sides' blocks are device blocks,
+registered and described as VRAM with the GPU's index.
 
-usage: dynamo_kvbm.py [--path network|same-host] [SCENARIO ...]
+usage: dynamo_kvbm.py [--path network|same-host] [--vram I,T] [SCENARIO ...]
 """
 
 import os
@@ -28,7 +30,8 @@ import os
 import numpy as np
 
 from common import (
-    Failure, Role, check, harness_main, nixl_agent, nixl_agent_config, pattern, run_roles, step, wait_done,
+    Failure, Role, alloc, check, harness_main, nixl_agent, nixl_agent_config, pattern, role_gpu, run_roles, step,
+    wait_done,
 )
 
 PREFIX = "DYN_KVBM_NIXL_BACKEND_"
@@ -145,14 +148,15 @@ def make_agent(name):
 
 
 def target(link):
+    gpu = role_gpu(second=True)
     agent, config = make_agent("kvbm-target")
-    buf = np.zeros(BLOCKS * BLOCK, dtype=np.uint8)
-    descs = agent.get_reg_descs([(int(buf.ctypes.data), buf.nbytes, 0, "")], "DRAM")
+    buf = alloc(BLOCKS * BLOCK, gpu)
+    descs = agent.get_reg_descs([(buf.addr, buf.size, buf.dev, "")], buf.kind)
     agent.register_memory(descs)
-    link.send("meta", agent.get_agent_metadata(), int(buf.ctypes.data), sorted(config), agent.get_plugin_params("TCPX"))
+    link.send("meta", agent.get_agent_metadata(), buf.addr, sorted(config), agent.get_plugin_params("TCPX"), buf.dev)
     blocks, seed = link.recv("check")
     step("kvbm-target: every byte")
-    view = buf.reshape(BLOCKS, BLOCK)
+    view = buf.read(0, buf.size).reshape(BLOCKS, BLOCK)
     expected = np.zeros_like(view)
     for src, dst in blocks:
         expected[dst] = pattern(BLOCK, seed + src)
@@ -163,22 +167,21 @@ def target(link):
 
 
 def initiator(link):
+    gpu = role_gpu()
     agent, _ = make_agent("kvbm-initiator")
-    (meta, raddr, _, _) = link.recv("meta")
-    buf = np.zeros(BLOCKS * BLOCK, dtype=np.uint8)
+    (meta, raddr, _, _, rdev) = link.recv("meta")
+    buf = alloc(BLOCKS * BLOCK, gpu)
     seed = 9100
-    view = buf.reshape(BLOCKS, BLOCK)
-    for b in range(BLOCKS):
-        view[b] = pattern(BLOCK, seed + b)
-    descs = agent.get_reg_descs([(int(buf.ctypes.data), buf.nbytes, 0, "")], "DRAM")
+    buf.write(0, np.concatenate([pattern(BLOCK, seed + b) for b in range(BLOCKS)]))
+    descs = agent.get_reg_descs([(buf.addr, buf.size, buf.dev, "")], buf.kind)
     agent.register_memory(descs)
     step("kvbm-initiator: add_remote_agent")
     peer = agent.add_remote_agent(meta)
     rng = np.random.default_rng(3)
     src = rng.choice(BLOCKS, 12, replace=False)
     dst = rng.choice(BLOCKS, 12, replace=False)
-    local = agent.get_xfer_descs([(int(buf.ctypes.data) + int(s) * BLOCK, BLOCK, 0) for s in src], "DRAM")
-    remote = agent.get_xfer_descs([(raddr + int(d) * BLOCK, BLOCK, 0) for d in dst], "DRAM")
+    local = agent.get_xfer_descs([(buf.addr + int(s) * BLOCK, BLOCK, buf.dev) for s in src], buf.kind)
+    remote = agent.get_xfer_descs([(raddr + int(d) * BLOCK, BLOCK, rdev) for d in dst], buf.kind)
     step("kvbm-initiator: WRITE of 12 blocks")
     handle = agent.initialize_xfer("WRITE", local, remote, peer)
     state = agent.transfer(handle)

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""LMCache's PD mode (PDBackend over NixlChannel) on our NIXL backend TCPX, on host memory (DRAM):
-the sender (prefiller) in one process, the receiver (decoder) in another.
+"""LMCache's PD mode (PDBackend over NixlChannel) on our NIXL backend TCPX, on host memory (DRAM)
+or, with --vram, GPU memory as LMCache has it (VRAM, named "cuda"): the sender (prefiller) in one
+process, the receiver (decoder) in another.
 
 Follows LMCache/LMCache lmcache/v1/transfer_channel/nixl_channel.py @ f5177bdc3c49
 (NixlAgentWrapper, NixlChannel.lazy_init_peer_connection, _init_loop, batched_write, close) and
@@ -12,8 +13,9 @@ As LMCache does it: nixl_agent(str(uuid4()), nixl_agent_config(backends=["TCPX"]
 TCPX with `{}`, nixl_backends: [TCPX] in LMCache's config); one buffer registered,
 get_reg_descs([(ptr, size, tp_rank, "")], mem_type=...) + register_memory; the local list one
 descriptor per page, get_xfer_descs + prep_xfer_dlist("", ..., mem_type=...) once. LMCache writes
-mem_type="cuda" (NIXL's old name for VRAM); on host memory this harness writes the old name for
-DRAM, "cpu". Peer set-up in two rounds, as _init_loop insists: metadata both ways
+mem_type="cuda" (NIXL's old name for VRAM) and its tp_rank as the device id; this harness does so
+under --vram, the GPU's index for tp_rank, and on host memory writes the old name for DRAM, "cpu",
+and 0. Peer set-up in two rounds, as _init_loop insists: metadata both ways
 (add_remote_agent on each side), then the receiver's get_serialized_descs of its page list, which
 the sender deserialize_descs and prep_xfer_dlist(remote_name, ...) once per peer. Each put: the
 sender asks the receiver to allocate pages for the request's chunk keys (keys it already holds
@@ -27,7 +29,7 @@ and then asks the receiver to check the request's pages; MemoryObj pages are num
 Checked: every byte of every page the receiver holds for a key, after the proxy notice; no other
 page written; keys already held are not sent again.
 
-usage: lmcache.py [--path network|same-host] [SCENARIO ...]
+usage: lmcache.py [--path network|same-host] [--vram I,T] [SCENARIO ...]
 """
 
 import time
@@ -36,13 +38,13 @@ import uuid
 import numpy as np
 
 from common import (
-    WAIT_S, Failure, Role, check, harness_main, nixl_agent, nixl_agent_config, pattern, run_roles, step,
+    WAIT_S, Failure, Role, alloc, check, harness_main, nixl_agent, nixl_agent_config, pattern, role_gpu, run_roles,
+    step,
 )
 
 PAGE = 64 * 1024  # align_bytes: one chunk's KV
 PAGES = 48
-MEM = "cpu"  # LMCache passes "cuda"; "cpu" is its host-memory twin in NIXL's table (DRAM)
-TP_RANK = 0
+MEM = {"VRAM": "cuda", "DRAM": "cpu"}  # NIXL's old names, LMCache's "cuda" and its host-memory twin
 
 
 def chunk_bytes(key):
@@ -51,18 +53,18 @@ def chunk_bytes(key):
 
 
 class NixlAgentWrapper:
-    def __init__(self, role, buffer_ptr, buffer_size, page_size, tp_rank, backends):
+    def __init__(self, role, buffer_ptr, buffer_size, page_size, tp_rank, backends, mem_type):
         step(f"{role}: NixlAgentWrapper: nixl_agent(uuid4, nixl_agent_config(backends={backends}))")
         self.agent = nixl_agent(str(uuid.uuid4()), nixl_agent_config(backends=backends))
         check("TCPX" in self.agent.backends, f"the agent made no TCPX backend (plugins: {self.agent.get_plugin_list()})")
         step(f"{role}: NixlAgentWrapper: register the buffer")
         memory_desc = [(buffer_ptr, buffer_size, tp_rank, "")]
-        self.reg_descs = self.agent.get_reg_descs(memory_desc, mem_type=MEM)
+        self.reg_descs = self.agent.get_reg_descs(memory_desc, mem_type=mem_type)
         self.agent.register_memory(self.reg_descs)
         step(f"{role}: NixlAgentWrapper: the page list")
         xfer_desc = [(base, page_size, tp_rank) for base in range(buffer_ptr, buffer_ptr + buffer_size, page_size)]
-        self.xfer_descs = self.agent.get_xfer_descs(xfer_desc, mem_type=MEM)
-        self.xfer_handler = self.agent.prep_xfer_dlist("", self.xfer_descs, mem_type=MEM)
+        self.xfer_descs = self.agent.get_xfer_descs(xfer_desc, mem_type=mem_type)
+        self.xfer_handler = self.agent.prep_xfer_dlist("", self.xfer_descs, mem_type=mem_type)
 
     def close(self, remote_handlers=()):
         self.agent.deregister_memory(self.reg_descs)
@@ -71,9 +73,15 @@ class NixlAgentWrapper:
             self.agent.release_dlist_handle(h)
 
 
+def channel(role, gpu):
+    """The role's buffer and its NixlAgentWrapper; LMCache's tp_rank (the device id it registers)
+    is the GPU's index here."""
+    buf = alloc(PAGES * PAGE, gpu)
+    return buf, NixlAgentWrapper(role, buf.addr, buf.size, PAGE, buf.dev, ["TCPX"], MEM[buf.kind])
+
+
 def receiver(link, cfg):
-    buf = np.zeros(PAGES * PAGE, dtype=np.uint8)
-    w = NixlAgentWrapper("receiver", int(buf.ctypes.data), buf.nbytes, PAGE, TP_RANK, ["TCPX"])
+    buf, w = channel("receiver", role_gpu(second=True))
     free = [int(p) for p in np.random.default_rng(cfg["seed"]).permutation(PAGES)]
     data = {}  # key -> page (PDBackend.data)
     local_meta = w.agent.get_agent_metadata()
@@ -104,7 +112,7 @@ def receiver(link, cfg):
         elif tag == "check":
             (req_id, keys) = payload
             step(f"receiver: the pages of {req_id}")
-            view = buf.reshape(PAGES, PAGE)
+            view = buf.read(0, buf.size).reshape(PAGES, PAGE)
             for key in keys:
                 check(key in data, f"{req_id}: no page for {key}")
                 check(np.array_equal(view[data[key]], chunk_bytes(key)), f"{req_id}: page {data[key]} of {key} lacks its bytes")
@@ -121,13 +129,11 @@ def receiver(link, cfg):
 
 
 def sender(link, cfg):
-    buf = np.zeros(PAGES * PAGE, dtype=np.uint8)
-    w = NixlAgentWrapper("sender", int(buf.ctypes.data), buf.nbytes, PAGE, TP_RANK, ["TCPX"])
+    buf, w = channel("sender", role_gpu())
     agent = w.agent
     # The prefiller's chunks: each key's KV in a page of the sender's buffer (MemoryObj address).
     pages = {}
     free = [int(p) for p in np.random.default_rng(cfg["seed"] + 1).permutation(PAGES)]
-    view = buf.reshape(PAGES, PAGE)
     remote_handlers = {}
     receiver_id = "127.0.0.1" + "55555"
     sent_pages = 0
@@ -136,7 +142,7 @@ def sender(link, cfg):
         for key in keys:
             if key not in pages:
                 pages[key] = free.pop()
-                view[pages[key]] = chunk_bytes(key)
+                buf.write(pages[key] * PAGE, chunk_bytes(key))
         if receiver_id not in remote_handlers:
             # _ensure_peer_connection -> lazy_init_peer_connection
             step("sender: lazy_init_peer_connection: metadata")

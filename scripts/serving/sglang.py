@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""SGLang's NIXL prefill/decode disaggregation over our NIXL backend TCPX, on host memory (DRAM):
-the prefill engine's NixlKVManager in one process, the decode engine's in another.
+"""SGLang's NIXL prefill/decode disaggregation over our NIXL backend TCPX, on host memory (DRAM)
+or, with --vram, GPU memory as SGLang has it (VRAM): the prefill engine's NixlKVManager in one
+process, the decode engine's in another.
 
 Follows sgl-project/sglang python/sglang/srt/disaggregation/nixl/conn.py @ 8d9468505bb1
 (NixlKVManager.__init__, register_buffer_to_engine, _add_remote_peer, _prepare_payload_xfer /
@@ -18,27 +19,28 @@ sync_mode=NIXL_THREAD_SYNC_STRICT)) (a nixl_agent_config without num_threads or 
 what it takes), thread counts added to the parameters of UCX/OBJ/GDS_MT/UCCL only, then
 create_backend(backend, params), and a backend not in get_plugin_list() is a ValueError (scenario
 `env` checks these rules, a missing plugin and a parameter TCPX refuses). KV buffers (K then V of
-16 layers: 32 regions) are registered with register_memory(list, "DRAM") (SGLang: "VRAM", or
-"DRAM" for a host KV pool), aux buffers as DRAM, state buffers (SGLang: VRAM) as DRAM;
-the prefill side's bootstrap thread loads the decode agent and prepares both lists once: the
-source with prep_xfer_dlist("", Nx3, "DRAM"), the destination with the decode agent's name, one
-descriptor per region and page (index = region * num_slots + page, int32). Rooms (random 63-bit
-ids, as bootstrap rooms are) are cut into chunks; each chunk goes to transfer queue room % 4, each
-of the SGLANG_DISAGGREGATION_QUEUE_SIZE threads serving its own queue: make_prepped_xfer("WRITE",
-src, idx, dst, idx, f"{room}_kv_{chunk}_{0|1}_{rank}"), transfer() ("ERR" raises); on a room's
-last chunk the state by initialize_xfer (f"{room}_state_{rank}", one descriptor per state buffer
-and run of slots) and the aux by get_xfer_descs(..., "DRAM") + initialize_xfer (f"{room}_aux");
-then check_xfer_state over all the chunk's handles, time.sleep(0) between rounds, until DONE. The
-handles are never released by name: the next chunk's `handles = []` drops them (NIXL's handle
-object releases itself). The decode side reads get_new_notifs, splits each on "_" (maxsplit 8)
-and accounts rooms.
+16 layers: 32 regions) are registered with register_memory(list, "VRAM"), device id gpu_id
+(on host memory: "DRAM" and 0, as SGLang's host KV pool), aux buffers as DRAM, state buffers as
+VRAM (on host memory: DRAM); the decode side's registration carries its gpu_id. The prefill
+side's bootstrap thread loads the decode agent and prepares both lists once: the source with
+prep_xfer_dlist("", Nx3, "VRAM") (or "DRAM"), the destination with the decode agent's name and
+gpu_id, one descriptor per region and page (index = region * num_slots + page, int32). Rooms
+(random 63-bit ids, as bootstrap rooms are) are cut into chunks; each chunk goes to transfer
+queue room % 4, each of the SGLANG_DISAGGREGATION_QUEUE_SIZE threads serving its own queue:
+make_prepped_xfer("WRITE", src, idx, dst, idx, f"{room}_kv_{chunk}_{0|1}_{rank}"), transfer()
+("ERR" raises); on a room's last chunk the state by initialize_xfer (f"{room}_state_{rank}", one
+descriptor per state buffer and run of slots, of the state's memory) and the aux by
+get_xfer_descs(..., "DRAM") + initialize_xfer (f"{room}_aux"); then check_xfer_state over all the
+chunk's handles, time.sleep(0) between rounds, until DONE. The handles are never released by
+name: the next chunk's `handles = []` drops them (NIXL's handle object releases itself). The
+decode side reads get_new_notifs, splits each on "_" (maxsplit 8) and accounts rooms.
 
 Here instead: the bootstrap server and ZMQ messages (KVArgsRegisterInfo, TransferInfo) are a pipe
 through the driver; the scheduler is a fixed plan of rooms and chunks.
 Checked: every byte of every page, aux and state slot (and nothing else written), each room's
 kv/aux/state notification exactly once, a room's bytes complete when its notifications are in.
 
-usage: sglang.py [--path network|same-host] [SCENARIO ...]
+usage: sglang.py [--path network|same-host] [--vram I,T] [SCENARIO ...]
 """
 
 import inspect
@@ -52,8 +54,8 @@ import uuid
 import numpy as np
 
 from common import (
-    WAIT_S, Failure, Role, Worker, check, expect_exact, harness_main, nixl_agent, nixl_agent_config,
-    nixl_thread_sync_t, pattern, run_roles, short, step,
+    WAIT_S, Failure, Role, Worker, alloc, check, expect_exact, harness_main, nixl_agent, nixl_agent_config,
+    nixl_thread_sync_t, pattern, role_gpu, run_roles, short, step,
 )
 
 LAYERS = 16
@@ -121,42 +123,58 @@ def group_concurrent_contiguous(src, dst):
     return [g.tolist() for g in np.split(src, brk)], [g.tolist() for g in np.split(dst, brk)]
 
 
+def contents(slots, fill):
+    """One side's KVArgs bytes: KV regions (K of every layer, then V), aux and state buffers."""
+
+    def buf(n, seed):
+        return pattern(n, seed) if fill else np.zeros(n, dtype=np.uint8)
+
+    return dict(kv=[buf(slots * ITEM, 3000 + i) for i in range(2 * LAYERS)],
+                aux=[buf(AUX_SLOTS * n, 4000 + j) for j, n in enumerate(AUX_LENS)],
+                state=[buf(STATE_SLOTS * n, 5000 + j) for j, n in enumerate(STATE_LENS)])
+
+
 class Buffers:
-    """One side's KVArgs: KV regions (K of every layer, then V), aux and state buffers."""
+    """One side's KVArgs in memory: KV and state buffers on its GPU under --vram, aux buffers on
+    the host (SGLang's are)."""
 
-    def __init__(self, slots, fill):
-        def buf(n, seed):
-            return pattern(n, seed) if fill else np.zeros(n, dtype=np.uint8)
-
-        self.num_slots = slots
-        self.kv = [buf(slots * ITEM, 3000 + i) for i in range(2 * LAYERS)]
-        self.aux = [buf(AUX_SLOTS * n, 4000 + j) for j, n in enumerate(AUX_LENS)]
-        self.state = [buf(STATE_SLOTS * n, 5000 + j) for j, n in enumerate(STATE_LENS)]
+    def __init__(self, slots, fill, gpu):
+        self.num_slots, self.gpu_id = slots, gpu or 0
+        for kind, arrays in contents(slots, fill).items():
+            mems = [alloc(a.size, None if kind == "aux" else gpu) for a in arrays]
+            for m, a in zip(mems, arrays if fill else ()):
+                m.write(0, a)
+            setattr(self, kind, mems)
 
     @staticmethod
     def ptrs(bufs):
-        return [int(b.ctypes.data) for b in bufs]
+        return [b.addr for b in bufs]
+
+    def arrays(self):
+        """The bytes now, as contents() has them."""
+        return {kind: [b.read(0, b.size) for b in getattr(self, kind)] for kind in ("kv", "aux", "state")}
 
     def register(self, agent):
-        step("register_buffer_to_engine: kv (DRAM)")
-        kv_addrs = [(int(b.ctypes.data), b.nbytes, 0, "") for b in self.kv]
-        self.kv_descs = agent.register_memory(kv_addrs, "DRAM")
-        check(self.kv_descs is not None, "NIXL memory registration failed for kv tensors")
-        step("register_buffer_to_engine: aux (DRAM)")
-        self.aux_descs = agent.register_memory([(int(b.ctypes.data), b.nbytes, 0, "") for b in self.aux], "DRAM")
-        check(self.aux_descs is not None, "NIXL memory registration failed for aux tensors")
-        step("register_buffer_to_engine: state (DRAM here)")
-        self.state_descs = agent.register_memory([(int(b.ctypes.data), b.nbytes, 0, "") for b in self.state], "DRAM")
-        check(self.state_descs is not None, "NIXL memory registration failed for state tensors")
+        for kind in ("kv", "aux", "state"):
+            bufs = getattr(self, kind)
+            step(f"register_buffer_to_engine: {kind} ({bufs[0].kind})")
+            descs = agent.register_memory([(b.addr, b.size, b.dev, "") for b in bufs], bufs[0].kind)
+            check(descs is not None, f"NIXL memory registration failed for {kind} tensors")
+            setattr(self, f"{kind}_descs", descs)
 
 
-def prep_equal_tp_dlist(agent, peer_name, kv_ptrs, item_lens, data_lens, num_slots=None):
+def nixl_device_id(mem_kind, gpu_id):
+    return gpu_id if mem_kind == "VRAM" else 0
+
+
+def prep_equal_tp_dlist(agent, peer_name, kv_ptrs, item_lens, data_lens, gpu_id, num_slots=None, mem_kind="VRAM"):
+    device_id = nixl_device_id(mem_kind, gpu_id)
     arrays = []
     for base_ptr, item_len, data_len in zip(np.array(kv_ptrs, dtype=np.uint64), item_lens, data_lens):
         n = num_slots if num_slots is not None else data_len // item_len
         addrs = np.arange(n, dtype=np.uint64) * np.uint64(item_len) + base_ptr
-        arrays.append(np.column_stack([addrs, np.full(n, item_len, dtype=np.uint64), np.full(n, 0, dtype=np.uint64)]))
-    handle = agent.prep_xfer_dlist(peer_name, np.vstack(arrays), "DRAM")
+        arrays.append(np.column_stack([addrs, np.full(n, item_len, dtype=np.uint64), np.full(n, device_id, dtype=np.uint64)]))
+    handle = agent.prep_xfer_dlist(peer_name, np.vstack(arrays), mem_kind)
     check(handle is not None, f"prep_xfer_dlist returned None for peer '{peer_name}'")
     return handle
 
@@ -165,10 +183,11 @@ def prep_equal_tp_dlist(agent, peer_name, kv_ptrs, item_lens, data_lens, num_slo
 
 
 def prefill(link, cfg):
+    gpu = role_gpu()
     step("NixlKVManager(PREFILL): the agent from the environment")
     agent, backend, params = make_agent("prefill")
     check(backend == "TCPX", f"SGLANG_DISAGGREGATION_NIXL_BACKEND is {backend!r}")
-    bufs = Buffers(P_SLOTS, fill=True)
+    bufs = Buffers(P_SLOTS, fill=True, gpu=gpu)
     bufs.register(agent)
     queue_size = int(os.environ.get("SGLANG_DISAGGREGATION_QUEUE_SIZE", "4"))
     transfer_queues = [queue.Queue() for _ in range(queue_size)]
@@ -241,12 +260,14 @@ def prefill(link, cfg):
         # _send_kvcache_generic, flat: per state buffer, one descriptor per run of slots.
         src_blocks, dst_blocks = group_concurrent_contiguous(np.asarray(state_indices), np.asarray(req["dst_state_indices"]))
         src_reqs, dst_reqs = [], []
+        kind = bufs.state[0].kind
+        src_dev, dst_dev = nixl_device_id(kind, bufs.gpu_id), nixl_device_id(kind, dst_info["gpu_id"])
         for src_ptr, dst_ptr, item_len in zip(bufs.ptrs(bufs.state), dst_info["state_ptrs"], STATE_LENS):
             for s, d in zip(src_blocks, dst_blocks):
-                src_reqs.append((src_ptr + s[0] * item_len, item_len * len(s), 0))
-                dst_reqs.append((dst_ptr + d[0] * item_len, item_len * len(s), 0))
-        src_descs = agent.get_xfer_descs(np.array(src_reqs, dtype=np.uint64), "DRAM")
-        dst_descs = agent.get_xfer_descs(np.array(dst_reqs, dtype=np.uint64), "DRAM")
+                src_reqs.append((src_ptr + s[0] * item_len, item_len * len(s), src_dev))
+                dst_reqs.append((dst_ptr + d[0] * item_len, item_len * len(s), dst_dev))
+        src_descs = agent.get_xfer_descs(np.array(src_reqs, dtype=np.uint64), kind)
+        dst_descs = agent.get_xfer_descs(np.array(dst_reqs, dtype=np.uint64), kind)
         h = agent.initialize_xfer("WRITE", src_descs, dst_descs, req["agent_name"], notif.encode("ascii"))
         check(bool(h), "KVSender failed to create transfer")
         state = agent.transfer(h)
@@ -267,10 +288,14 @@ def prefill(link, cfg):
         decode_kv_args_table[name] = decode_kv_args
         agent.add_remote_agent(decode_kv_args["agent_metadata"])
         step("bootstrap: _prepare_payload_xfer (source and destination lists)")
+        # Both sides' KV is of one kind here (SGLang gets the decode side's in its registration).
+        kind = bufs.kv[0].kind
         if "" not in prep:
-            prep[""] = prep_equal_tp_dlist(agent, "", bufs.ptrs(bufs.kv), [ITEM] * len(bufs.kv), [b.nbytes for b in bufs.kv])
+            prep[""] = prep_equal_tp_dlist(agent, "", bufs.ptrs(bufs.kv), [ITEM] * len(bufs.kv), [b.size for b in bufs.kv],
+                                           bufs.gpu_id, mem_kind=kind)
         prep[name] = prep_equal_tp_dlist(agent, name, decode_kv_args["kv_ptrs"], [ITEM] * len(bufs.kv),
-                                         [ITEM * decode_kv_args["num_slots"]] * len(bufs.kv), num_slots=decode_kv_args["num_slots"])
+                                         [ITEM * decode_kv_args["num_slots"]] * len(bufs.kv), decode_kv_args["gpu_id"],
+                                         num_slots=decode_kv_args["num_slots"], mem_kind=kind)
 
     boot = Worker("bootstrap", bootstrap)
     boot.start()
@@ -306,28 +331,29 @@ def prefill(link, cfg):
 
 
 def decode(link, cfg):
+    gpu = role_gpu(second=True)
     step("NixlKVManager(DECODE): the agent from the environment")
     agent, _, _ = make_agent("decode")
-    bufs = Buffers(D_SLOTS, fill=False)
+    bufs = Buffers(D_SLOTS, fill=False, gpu=gpu)
     bufs.register(agent)
     prefill_name = link.recv("prefill")[0]
     rooms = cfg["rooms"]
     register = dict(agent_name=agent.name, agent_metadata=agent.get_agent_metadata(), kv_ptrs=bufs.ptrs(bufs.kv),
-                    aux_ptrs=bufs.ptrs(bufs.aux), state_ptrs=bufs.ptrs(bufs.state), gpu_id=0, decode_tp_size=1,
+                    aux_ptrs=bufs.ptrs(bufs.aux), state_ptrs=bufs.ptrs(bufs.state), gpu_id=bufs.gpu_id, decode_tp_size=1,
                     decode_tp_rank=0, dst_kv_item_len=ITEM, num_slots=D_SLOTS)
     transfer_infos = {r["room"]: dict(room=r["room"], agent_name=agent.name, dst_kv_indices=r["decode"],
                                       dst_aux_index=r["decode_aux"], dst_state_indices=r["decode_state"],
                                       required_dst_info_num=1) for r in rooms}
     link.send("register", register, transfer_infos)
-    src = Buffers(P_SLOTS, fill=True)  # what the prefill side holds, to compare with
-    expected = Buffers(D_SLOTS, fill=False)
+    src = contents(P_SLOTS, fill=True)  # what the prefill side holds, to compare with
+    expected = contents(D_SLOTS, fill=False)
     for r in rooms:
         for i in range(2 * LAYERS):
-            exp, have = expected.kv[i].reshape(D_SLOTS, ITEM), src.kv[i].reshape(P_SLOTS, ITEM)
+            exp, have = expected["kv"][i].reshape(D_SLOTS, ITEM), src["kv"][i].reshape(P_SLOTS, ITEM)
             exp[r["decode"]] = have[r["prefill_all"]]
-        expected.aux[0].reshape(AUX_SLOTS, -1)[r["decode_aux"]] = src.aux[0].reshape(AUX_SLOTS, -1)[r["prefill_aux"]]
+        expected["aux"][0].reshape(AUX_SLOTS, -1)[r["decode_aux"]] = src["aux"][0].reshape(AUX_SLOTS, -1)[r["prefill_aux"]]
         for j in range(len(STATE_LENS)):
-            expected.state[j].reshape(STATE_SLOTS, -1)[r["decode_state"]] = src.state[j].reshape(STATE_SLOTS, -1)[r["prefill_state"]]
+            expected["state"][j].reshape(STATE_SLOTS, -1)[r["decode_state"]] = src["state"][j].reshape(STATE_SLOTS, -1)[r["prefill_state"]]
     statuses = {r["room"]: dict(kvs=set(), last=None, aux=False, state=False) for r in rooms}
     by_room = {r["room"]: r for r in rooms}
     got, done = [], []
@@ -358,7 +384,7 @@ def decode(link, cfg):
                 if (room not in done and st["last"] is not None and st["kvs"] == set(range(st["last"] + 1))
                         and st["aux"] and (st["state"] or not by_room[room]["prefill_state"])):
                     done.append(room)
-                    check_room(bufs, expected, by_room[room])
+                    check_room(bufs.arrays(), expected, by_room[room])
         if time.monotonic() > deadline:
             raise Failure("decode: update_transfer_status", f"rooms done {len(done)} of {len(rooms)} after {WAIT_S:.0f} s: "
                           + str({k: v for k, v in statuses.items() if k not in done}))
@@ -379,22 +405,23 @@ def decode(link, cfg):
             want.append((prefill_name, f"{r['room']}_state_{ENGINE_RANK}".encode()))
     expect_exact(got, want, "the decode side's notifications")
     step("decode: every byte of every buffer (nothing else written)")
+    now = bufs.arrays()
     for kind in ("kv", "aux", "state"):
-        for i, (have, exp) in enumerate(zip(getattr(bufs, kind), getattr(expected, kind))):
+        for i, (have, exp) in enumerate(zip(now[kind], expected[kind])):
             check(np.array_equal(have, exp), f"{kind} buffer {i} differs from what the rooms should have written")
     link.send("report", len(got))
 
 
-def check_room(bufs, expected, r):
+def check_room(now, expected, r):
     step(f"decode: room {r['room']}: its bytes when its notifications are in")
     for i in range(2 * LAYERS):
-        have, exp = bufs.kv[i].reshape(D_SLOTS, ITEM), expected.kv[i].reshape(D_SLOTS, ITEM)
+        have, exp = now["kv"][i].reshape(D_SLOTS, ITEM), expected["kv"][i].reshape(D_SLOTS, ITEM)
         bad = [p for p in r["decode"] if not np.array_equal(have[p], exp[p])]
         check(not bad, f"kv region {i} pages {bad} lack their bytes")
-    have, exp = bufs.aux[0].reshape(AUX_SLOTS, -1), expected.aux[0].reshape(AUX_SLOTS, -1)
+    have, exp = now["aux"][0].reshape(AUX_SLOTS, -1), expected["aux"][0].reshape(AUX_SLOTS, -1)
     check(np.array_equal(have[r["decode_aux"]], exp[r["decode_aux"]]), f"aux slot {r['decode_aux']} lacks its bytes")
     for j in range(len(STATE_LENS)):
-        have, exp = bufs.state[j].reshape(STATE_SLOTS, -1), expected.state[j].reshape(STATE_SLOTS, -1)
+        have, exp = now["state"][j].reshape(STATE_SLOTS, -1), expected["state"][j].reshape(STATE_SLOTS, -1)
         check(np.array_equal(have[r["decode_state"]], exp[r["decode_state"]]), f"state buffer {j} lacks its bytes")
 
 

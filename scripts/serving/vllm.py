@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""vLLM's NixlConnector over our NIXL backend TCPX, on host memory (DRAM): the prefill engine's
-workers in one process, the decode engine's in another, each worker (TP rank) one NIXL agent.
+"""vLLM's NixlConnector over our NIXL backend TCPX, on host memory (DRAM) or, with --vram, GPU
+memory (VRAM): the prefill engine's workers in one process, the decode engine's in another, each
+worker (TP rank) one NIXL agent (under --vram the ranks of one engine share its GPU).
 
 Follows vllm-project/vllm, vllm/distributed/kv_transfer/kv_connector/v1/nixl/
   base_worker.py @ 00bd51312724: NixlBaseConnectorWorker.__init__ (the agent), register_kv_caches,
@@ -14,8 +15,10 @@ and NIXL's Python agent, ai-dynamo/nixl src/api/python/_api.py @ 8770b655a6b1.
 
 As vLLM does it: agent nixl_agent(str(uuid4()), nixl_agent_config(backends=["TCPX"],
 capture_telemetry=True)) (so NIXL creates TCPX with `{}`); one region per KV tensor, K and V apart
-(8 layers: 16 regions), or one per layer for MLA, each (base, num_blocks * block_len, 0, "")
-through get_reg_descs + register_memory(descs, backends=["TCPX"]); the local list region-major,
+(8 layers: 16 regions), or one per layer for MLA, each (base, num_blocks * block_len, device_id,
+"") through get_reg_descs(..., nixl_memory_type) + register_memory(descs, backends=["TCPX"]) (the
+GPU's index and "VRAM"; here on host memory 0 and "DRAM", as vLLM's CPU KV buffer); descriptors
+carry the device id, a remote one that of the peer's metadata; the local list region-major,
 prepared once with prep_xfer_dlist("NIXL_INIT_AGENT", ...), each remote rank's once with
 prep_xfer_dlist(remote_name, ...); descriptor id = region * num_blocks + block (prefill and decode
 have different num_blocks). Pull: the decode side's make_prepped_xfer("READ", ..., notif_msg=
@@ -42,7 +45,7 @@ Checked: every byte of every region on the reading (pull) or written (push) side
 written; every notification, at each agent, exactly once and from the right agent; each
 request's bytes complete when its notification is in; transfer states, and each process's exit.
 
-usage: vllm.py [--path network|same-host] [SCENARIO ...]
+usage: vllm.py [--path network|same-host] [--vram I,T] [SCENARIO ...]
 """
 
 import functools
@@ -55,8 +58,8 @@ import uuid
 import numpy as np
 
 from common import (
-    WAIT_S, Failure, Role, Worker, check, drain, expect_exact, harness_main, msgpack_pack,
-    msgpack_unpack, nixl_agent, nixl_agent_config, pattern, run_roles, short, step,
+    WAIT_S, Failure, Role, Worker, alloc, check, drain, expect_exact, harness_main, msgpack_pack,
+    msgpack_unpack, nixl_agent, nixl_agent_config, pattern, role_gpu, run_roles, short, step,
 )
 
 BACKENDS = ["TCPX"]
@@ -84,11 +87,11 @@ def full_region(r, mla):
     return full
 
 
-def stack_descs(addrs, length):
+def stack_descs(addrs, length, device_id):
     out = np.empty((addrs.shape[0], 3), dtype=np.uint64)
     out[:, 0] = addrs
     out[:, 1] = length
-    out[:, 2] = 0
+    out[:, 2] = device_id
     return out
 
 
@@ -102,7 +105,7 @@ def compute_desc_ids(block_ids, num_blocks, regions):
 class KVWorker:
     """One TP rank's connector worker: its agent, KV regions and prepared lists."""
 
-    def __init__(self, role, tp_rank, tp_size, num_blocks, mla, fill):
+    def __init__(self, role, tp_rank, tp_size, num_blocks, mla, fill, gpu):
         self.tp_rank, self.tp_size, self.num_blocks, self.mla = tp_rank, tp_size, num_blocks, mla
         self.block_len = BLOCK if mla else BLOCK // tp_size
         step(f"{role} rank {tp_rank}: nixl_agent(uuid4, nixl_agent_config(backends=['TCPX'], capture_telemetry=True))")
@@ -113,33 +116,41 @@ class KVWorker:
         self.name = self.agent.name
         self.regions = []
         for r in range(num_regions(mla)):
+            self.regions.append(alloc(num_blocks * self.block_len, gpu))
             if fill:
                 full = full_region(r, mla)
                 mine = full if mla else full[:, tp_rank * self.block_len : (tp_rank + 1) * self.block_len]
-                self.regions.append(np.array(mine, copy=True).reshape(-1))
-            else:
-                self.regions.append(np.zeros(num_blocks * self.block_len, dtype=np.uint8))
+                self.regions[-1].write(0, np.array(mine).reshape(-1))
+        self.nixl_memory_type, self.device_id = self.regions[0].kind, self.regions[0].dev
         step(f"{role} rank {tp_rank}: register_kv_caches ({len(self.regions)} regions)")
-        caches_data = [(int(r.ctypes.data), r.nbytes, 0, "") for r in self.regions]
-        descs = self.agent.get_reg_descs(caches_data, "DRAM")
+        caches_data = [(r.addr, r.size, self.device_id, "") for r in self.regions]
+        descs = self.agent.get_reg_descs(caches_data, self.nixl_memory_type)
         self.agent.register_memory(descs, backends=BACKENDS)
         self.registered = [descs]
         step(f"{role} rank {tp_rank}: register_local_xfer_handler")
         arange = np.arange(num_blocks, dtype=np.uint64)
         self.src_blocks_data = np.concatenate(
-            [stack_descs(np.uint64(r.ctypes.data) + arange * np.uint64(self.block_len), self.block_len) for r in self.regions])
-        self.src_handle = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", self.agent.get_xfer_descs(self.src_blocks_data, "DRAM"))
+            [stack_descs(np.uint64(r.addr) + arange * np.uint64(self.block_len), self.block_len, self.device_id)
+             for r in self.regions])
+        self.src_handle = self.agent.prep_xfer_dlist("NIXL_INIT_AGENT",
+                                                     self.agent.get_xfer_descs(self.src_blocks_data, self.nixl_memory_type))
         self.src_split_handles = []
         self.dst_handles, self.remote_agents = {}, {}
         self.role = role
 
     def blocks(self, r):
-        return self.regions[r].reshape(self.num_blocks, self.block_len)
+        """Region r's blocks as they are now, (num_blocks, block_len)."""
+        return self.regions[r].read(0, self.regions[r].size).reshape(self.num_blocks, self.block_len)
+
+    def fill_blocks(self, block_ids, value):
+        for region in self.regions:
+            for b in block_ids:
+                region.write(b * self.block_len, np.full(self.block_len, value, dtype=np.uint8))
 
     def metadata(self):
         return dict(agent_metadata=self.agent.get_agent_metadata(), name=self.name, tp_rank=self.tp_rank,
                     tp_size=self.tp_size, num_blocks=self.num_blocks, block_len=self.block_len,
-                    base_addrs=[int(r.ctypes.data) for r in self.regions])
+                    base_addrs=[r.addr for r in self.regions], device_id=self.device_id)
 
     def add_remote_engine(self, metas, notif_only=False):
         """add_remote_agent for each prefill rank this rank reads from: the remote list (and, for
@@ -166,7 +177,7 @@ class KVWorker:
                 chunk = self.block_len // split_reads
                 for i in range(split_reads):
                     handle_data = [(int(a) + i * chunk, chunk, int(d)) for a, _, d in self.src_blocks_data.tolist()]
-                    descs = self.agent.get_xfer_descs(handle_data, "DRAM")
+                    descs = self.agent.get_xfer_descs(handle_data, self.nixl_memory_type)
                     self.src_split_handles.append(self.agent.prep_xfer_dlist("NIXL_INIT_AGENT", descs))
             step(f"{self.role} rank {self.tp_rank}: remote list of prefill rank {p}")
             num_reads = 1 if self.mla else split_reads
@@ -174,9 +185,9 @@ class KVWorker:
             length = self.block_len // num_reads
             arange = np.arange(meta["num_blocks"], dtype=np.uint64)
             blocks_data = np.concatenate([
-                stack_descs(np.uint64(base + rank_offset) + arange * np.uint64(meta["block_len"]), length)
+                stack_descs(np.uint64(base + rank_offset) + arange * np.uint64(meta["block_len"]), length, meta["device_id"])
                 for base in meta["base_addrs"]])
-            self.dst_handles[p] = self.agent.prep_xfer_dlist(name, self.agent.get_xfer_descs(blocks_data, "DRAM"))
+            self.dst_handles[p] = self.agent.prep_xfer_dlist(name, self.agent.get_xfer_descs(blocks_data, self.nixl_memory_type))
 
     def expected_block(self, r, p_block):
         """What local block gets from prefill block `p_block` of region r."""
@@ -202,7 +213,8 @@ def take_telemetry(agent, handle, nbytes, what):
 
 
 def prefill_pull(link, cfg):
-    ranks = [KVWorker("prefill", p, cfg["p_tp"], P_BLOCKS, cfg["mla"], fill=True) for p in range(cfg["p_tp"])]
+    gpu = role_gpu()
+    ranks = [KVWorker("prefill", p, cfg["p_tp"], P_BLOCKS, cfg["mla"], fill=True, gpu=gpu) for p in range(cfg["p_tp"])]
     link.send("meta", [w.metadata() for w in ranks])
     plan = cfg["requests"]
     blocks_of = {q["p_req"]: q["p_blocks"] for q in plan}
@@ -228,8 +240,7 @@ def prefill_pull(link, cfg):
                     check(counts[p][req_id] <= n, f"rank {p}: {msg!r} more than {n} times")
                     if counts[p][req_id] == n:
                         # The blocks are free now: reuse them at once.
-                        for r in range(len(w.regions)):
-                            w.blocks(r)[blocks_of[req_id]] = 0xEE
+                        w.fill_blocks(blocks_of[req_id], 0xEE)
                         done.append((p, req_id))
         if expected is None:
             got = link.poll("expect")
@@ -268,7 +279,8 @@ def prefill_pull(link, cfg):
 
 
 def decode_pull(link, cfg):
-    ranks = [KVWorker("decode", d, cfg["d_tp"], D_BLOCKS, cfg["mla"], fill=False) for d in range(cfg["d_tp"])]
+    gpu = role_gpu(second=True)
+    ranks = [KVWorker("decode", d, cfg["d_tp"], D_BLOCKS, cfg["mla"], fill=False, gpu=gpu) for d in range(cfg["d_tp"])]
     link.send("meta", [w.metadata() for w in ranks])
     (pmetas,) = link.recv("remote")
     for w in ranks:
@@ -388,7 +400,7 @@ def pull(seed, kinds, p_tp=1, d_tp=1, mla=False, hb_steps=3):
 
 
 def prefill_push(link, cfg):
-    w = KVWorker("prefill", 0, 1, P_BLOCKS, False, fill=True)
+    w = KVWorker("prefill", 0, 1, P_BLOCKS, False, fill=True, gpu=role_gpu())
     link.send("meta", [w.metadata()])
     (dmetas,) = link.recv("remote")
     # P -> D handshake: the decode agent and its blocks.
@@ -397,9 +409,9 @@ def prefill_push(link, cfg):
     d_name = w.agent.add_remote_agent(dmeta["agent_metadata"])
     check(as_str(d_name) == dmeta["name"], f"add_remote_agent named the peer {d_name!r}")
     arange = np.arange(dmeta["num_blocks"], dtype=np.uint64)
-    blocks_data = np.concatenate([stack_descs(np.uint64(b) + arange * np.uint64(dmeta["block_len"]), dmeta["block_len"])
-                                  for b in dmeta["base_addrs"]])
-    dst_handle = w.agent.prep_xfer_dlist(d_name, w.agent.get_xfer_descs(blocks_data, "DRAM"))
+    blocks_data = np.concatenate([stack_descs(np.uint64(b) + arange * np.uint64(dmeta["block_len"]), dmeta["block_len"],
+                                              dmeta["device_id"]) for b in dmeta["base_addrs"]])
+    dst_handle = w.agent.prep_xfer_dlist(d_name, w.agent.get_xfer_descs(blocks_data, w.nixl_memory_type))
     regions = num_regions(False)
     plan = cfg["requests"]
     finished_inbox, completion_notifs = queue.Queue(), queue.Queue()
@@ -519,7 +531,7 @@ def prefill_push(link, cfg):
 
 
 def decode_push(link, cfg):
-    w = KVWorker("decode", 0, 1, D_BLOCKS, False, fill=False)
+    w = KVWorker("decode", 0, 1, D_BLOCKS, False, fill=False, gpu=role_gpu(second=True))
     link.send("meta", [w.metadata()])
     (pmetas,) = link.recv("remote")
     # D -> P handshake, notif_agents_only: the prefill agent only.
@@ -580,7 +592,8 @@ def decode_push(link, cfg):
                 n = len(q["d_blocks"])
                 for r in range(regions):
                     expected[r][q["d_blocks"]] = full_region(r, False)[q["p_blocks"][-n:]]
-                    bad = [b for b in q["d_blocks"] if not np.array_equal(w.blocks(r)[b], expected[r][b])]
+                    have = w.blocks(r)
+                    bad = [b for b in q["d_blocks"] if not np.array_equal(have[b], expected[r][b])]
                     check(not bad, f"{req_id}: region {r} blocks {bad} lack the pushed bytes when its notification came")
             writer.reraise()
             if time.monotonic() > deadline:
