@@ -868,6 +868,37 @@ fn a_ring_locked_ahead_locks_every_slot() {
     }
 }
 
+/// The locker serves rings comms hold before idle ones, and leaves an idle ring alone while any
+/// ring is held: its locking would hold the driver against the held rings' copies. Given back, the
+/// held ring lets the idle one be locked.
+#[test]
+fn a_held_ring_is_locked_ahead_and_an_idle_one_waits_until_none_is_held() {
+    use uccl_tcpx::internal::cuda::{Gpu, StagingRing};
+    if no_gpu() {
+        return;
+    }
+    let gpu = Gpu::open(0).unwrap();
+    let (slot_size, slots) = (2 << 20, 8usize);
+    let idle = StagingRing::new(&gpu, slot_size, slots, 1).unwrap();
+    let held = StagingRing::new(&gpu, slot_size, slots, 1).unwrap();
+    held.hold(true);
+    idle.lock_ahead();
+    held.lock_ahead();
+    let until_locked = |ring: &StagingRing, what: &str| {
+        let deadline = Instant::now() + testkit::PATIENCE;
+        while ring.pinned_slots() < slots {
+            assert!(Instant::now() < deadline, "{what}: {} of {slots} slots left", slots - ring.pinned_slots());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+    };
+    until_locked(&held, "the held ring");
+    // Queued first, the idle ring had none of its slots taken: a ring was held before either was
+    // queued (rings of other tests are dropped, and tests of this file run one at a time).
+    assert_eq!(idle.pinned_slots(), 0, "the locker locked an idle ring while a ring was held");
+    held.hold(false);
+    until_locked(&idle, "the idle ring, once no ring was held");
+}
+
 /// Chunks of at most `slot` bytes made of consecutive pieces (none split), as `(first, end)` indices.
 fn chunks_of(pieces: &[(usize, usize)], slot: usize) -> Vec<(usize, usize)> {
     let (mut out, mut first, mut bytes) = (Vec::new(), 0, 0);

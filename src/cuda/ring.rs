@@ -229,6 +229,12 @@ impl StagingRing {
         self.host.lock_ahead();
     }
 
+    /// A comm takes the ring or gives it back (`SlotMemory::hold`): the background locking serves
+    /// held rings first.
+    pub fn hold(&self, held: bool) {
+        self.host.hold(held);
+    }
+
     /// The bytes of all slots, for a transport that wants them registered.
     pub fn host_range(&self) -> (usize, usize) {
         (self.host.as_ptr() as usize, self.host.len())

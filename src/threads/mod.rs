@@ -23,5 +23,5 @@ pub use fault::{
     clear_panic, clear_wait_failure, inject_panic, inject_wait_failure, panic_pending, wait_failure_pending,
 };
 pub use kind::ThreadKind;
-pub(crate) use queue::{WorkQueue, serve};
+pub(crate) use queue::{Look, WorkQueue, serve};
 pub(crate) use warm::on_start;

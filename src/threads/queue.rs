@@ -6,6 +6,16 @@ use std::collections::VecDeque;
 
 use parking_lot::Mutex;
 
+/// What a choosing worker makes of a waiting item ([`WorkQueue::find`]).
+pub(crate) enum Look<R> {
+    /// Serve this now (the item stays queued).
+    Take(R),
+    /// Not now.
+    Skip,
+    /// Nothing left to do for it: it leaves the queue.
+    Spent,
+}
+
 pub(crate) struct WorkQueue<T> {
     waiting: VecDeque<T>,
     worker: bool,
@@ -30,6 +40,38 @@ impl<T> WorkQueue<T> {
             self.worker = false;
         }
         next
+    }
+
+    /// For a worker that chooses what to serve: the first waiting item `look` takes something
+    /// from, left waiting; items `look` finds spent leave the queue, those it skips stay.
+    pub fn find<R>(&mut self, mut look: impl FnMut(&T) -> Look<R>) -> Option<R> {
+        let mut found = None;
+        self.waiting.retain(|item| {
+            if found.is_some() {
+                return true;
+            }
+            match look(item) {
+                Look::Take(r) => {
+                    found = Some(r);
+                    true
+                }
+                Look::Skip => true,
+                Look::Spent => false,
+            }
+        });
+        found
+    }
+
+    /// The worker ends with nothing to do now; what waits stays for the next one, which
+    /// [`wake`](Self::wake) or a push starts.
+    pub fn stop(&mut self) {
+        self.worker = false;
+    }
+
+    /// Whether a worker must be started because what waits may have become doable: something
+    /// waits and none serves the queue.
+    pub fn wake(&mut self) -> bool {
+        !self.waiting.is_empty() && !std::mem::replace(&mut self.worker, true)
     }
 
     /// Forgets every waiting item and the worker (it died, or could not be started); how many
@@ -58,7 +100,7 @@ pub fn serve<T>(queue: &Mutex<WorkQueue<T>>, mut work: impl FnMut(T)) {
 mod tests {
     use parking_lot::Mutex;
 
-    use super::{WorkQueue, serve};
+    use super::{Look, WorkQueue, serve};
 
     /// The worker takes every item in order and ends on the empty queue, and the queue is free
     /// while it works: an item pushed during the work is served by the same worker.
@@ -77,6 +119,32 @@ mod tests {
         });
         assert_eq!(seen, [1, 2]);
         assert!(queue.lock().push(3), "the worker ended: the next item starts another");
+    }
+
+    /// A choosing worker takes the first item it can serve, leaves the others waiting, drops the
+    /// spent ones; once it stops, only a wake with items waiting starts another.
+    #[test]
+    fn a_choosing_worker_keeps_what_it_skips_and_drops_what_is_spent() {
+        let mut q = WorkQueue::new();
+        assert!(q.push(1));
+        for i in 2..=5 {
+            assert!(!q.push(i));
+        }
+        let look = |odd: bool| {
+            move |&i: &i32| match i {
+                1 => Look::Spent,
+                i if (i % 2 == 1) == odd => Look::Take(i * 10),
+                _ => Look::Skip,
+            }
+        };
+        assert_eq!(q.find(look(true)), Some(30), "1 is spent, 2 skipped, 3 taken");
+        assert_eq!(q.find(look(false)), Some(20));
+        assert_eq!(q.waiting, [2, 3, 4, 5], "taken and skipped items stay, in order");
+        q.stop();
+        assert!(q.wake(), "items wait and no worker serves them");
+        assert!(!q.wake(), "one worker at a time");
+        assert_eq!(q.abandon(), 4);
+        assert!(!q.wake(), "nothing waits");
     }
 
     #[test]

@@ -333,6 +333,7 @@ impl Staging {
                     ring
                 }
             };
+            ring.hold(true);
             let (base, len) = ring.host_range();
             self.ring = Some(ring);
             if let Err(e) = self.register_ring_range(inner, base, len) {
@@ -378,6 +379,7 @@ impl Staging {
         }
         inner.deregister(std::mem::replace(&mut self.ring_mr, MrHandle::NONE));
         count(&COUNTS.given_back, 1);
+        ring.hold(false);
         let freed = self.setup.pool.lock().give(ring, Instant::now());
         count(&COUNTS.freed, freed.len());
     }
