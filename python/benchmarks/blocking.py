@@ -2,11 +2,13 @@
 blocking `write` (or `read`) alternate with blocks of `write_async` + a `poll_async` loop between
 two processes of this host, and the table gives the median of each and their ratio (a blocking
 call that wakes late shows as a ratio over 1). Host memory by default; `--gpu` puts the client on
-GPU 0 and the server on GPU 1 (PyTorch), `--gpus C,S` on GPUs C and S (which may be one GPU). The path is the engine's choice: the same-host one, or
-the network one with UCCL_TCPX_DISABLE_IPC=1 set for both processes. Every transfer's bytes are
-checked once per size.
+GPU 0 and the server on GPU 1 (PyTorch), `--gpus C,S` on GPUs C and S (which may be one GPU).
+The path is the engine's choice: the same-host one, or the network one with
+UCCL_TCPX_DISABLE_IPC=1 set for both processes. Every transfer's bytes are checked once per size.
+`--only` times one kind, for a trace of it.
 
-    python benchmarks/blocking.py [--gpu [--gpus 0,1]] [--sizes 4K,64K,1M,16M,64M,256M] [--iters 40] [--ops write,read]
+    python benchmarks/blocking.py [--gpu [--gpus 0,1]] [--only blocking|polled]
+        [--sizes 4K,64K,1M,16M,64M,256M] [--iters 40] [--ops write,read]
 """
 
 import argparse
@@ -58,6 +60,8 @@ def main():
     ap.add_argument("--iters", type=int, default=40, help="transfers of each kind a size, in blocks of 4")
     ap.add_argument("--ops", default="write,read")
     ap.add_argument("--json", help="write the table here too")
+    ap.add_argument("--only", choices=["blocking", "polled"],
+                    help="time only this kind (for a trace of one kind); the table's ratio is then 1")
     args = ap.parse_args()
     sizes = [size_arg(s) for s in args.sizes.split(",")]
     largest = max(sizes)
@@ -114,9 +118,11 @@ def main():
                 got = int(server.stdout.readline())
                 assert got == expect(size), f"write {size}: the server holds other bytes"
             b, p = [], []
+            kinds = {"blocking": (blocking,), "polled": (polled,)}.get(args.only, (blocking, polled))
             for _ in range(4):
-                blocking(op, size, max(args.iters // 4, 1), b)
-                polled(op, size, max(args.iters // 4, 1), p)
+                for kind in kinds:
+                    kind(op, size, max(args.iters // 4, 1), b if kind is blocking else p)
+            b, p = b or p, p or b
             mb, mp = statistics.median(b) * 1e6, statistics.median(p) * 1e6
             rows.append({"op": op, "size": size, "blocking_us": mb, "polled_us": mp, "ratio": mb / mp})
             print(f"{op:5} {size:>10} B: blocking {mb:9.1f} us ({size / mb / 1e3:7.2f} GB/s), async + busy poll "
