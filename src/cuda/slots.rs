@@ -22,9 +22,10 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
+use std::time::Duration;
 
 use cudarc::driver::sys;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use super::{Gpu, check};
 use crate::error::{Error, Result};
@@ -234,22 +235,37 @@ impl SlotMemory {
         if self.slots.locks.count() == self.slots.locks.len() {
             return;
         }
-        if LOCKER.lock().push(Arc::downgrade(&self.slots)) {
+        let mut queue = LOCKER.lock();
+        if queue.push(Arc::downgrade(&self.slots)) {
+            drop(queue);
             start_locker();
+        } else {
+            LOCKER_WAITS.notify_one();
         }
     }
 
     /// A comm takes the ring (`true`) or gives it back (`false`). The locker serves held rings
-    /// first, and idle ones only while no ring of the process is held.
+    /// first, and idle ones only while no ring of the process is held; a ring taken with slots
+    /// left to lock wakes it.
     pub fn hold(&self, held: bool) {
         if self.slots.held.swap(held, Ordering::AcqRel) == held {
             return;
         }
-        let before = if held { HELD.fetch_add(1, Ordering::AcqRel) } else { HELD.fetch_sub(1, Ordering::AcqRel) };
-        // Work may have become doable: this ring's slots, or with no ring held, idle rings'.
-        let wake = if held { self.slots.locks.count() < self.slots.locks.len() } else { before == 1 };
-        if wake && LOCKER.lock().wake() {
-            start_locker();
+        if !held {
+            // Idle rings wait for a look with no ring held (`RECHECK`): a wake-up at every
+            // give-back would cost a stream of small transfers one each.
+            HELD.fetch_sub(1, Ordering::AcqRel);
+            return;
+        }
+        HELD.fetch_add(1, Ordering::AcqRel);
+        if self.slots.locks.count() < self.slots.locks.len() {
+            let mut queue = LOCKER.lock();
+            if queue.wake() {
+                drop(queue);
+                start_locker();
+            } else {
+                LOCKER_WAITS.notify_one();
+            }
         }
     }
 
@@ -282,6 +298,9 @@ impl Drop for SlotMemory {
 /// the kernel's work (faulting, zeroing, pinning pages), which more threads did not hide.
 static LOCKER: Mutex<WorkQueue<Weak<Slots>>> = Mutex::new(WorkQueue::new());
 
+/// Where the locker waits while only idle rings are left and a ring is held.
+static LOCKER_WAITS: Condvar = Condvar::new();
+
 /// Slots the locker locked, for tests.
 static LOCKED_AHEAD: AtomicU64 = AtomicU64::new(0);
 
@@ -301,26 +320,29 @@ fn start_locker() {
     }
 }
 
-/// The locker: one slot at a time, the next by [`choose`], until none is to be locked now. The
-/// queue is held only to choose; a ring dropped meanwhile is freed at its drop.
+/// How often the locker looks again while idle rings wait for no ring to be held; a ring taken
+/// meanwhile wakes it at once.
+const RECHECK: Duration = Duration::from_millis(10);
+
+/// The locker: one slot at a time, the next by [`choose`], until none is to be locked now or
+/// later. The queue is held only to choose (and to wait); a ring dropped meanwhile is freed at its
+/// drop.
 fn lock_while_doable() {
     loop {
         let next = {
             let mut queue = LOCKER.lock();
-            let next = choose(&mut queue, HELD.load(Ordering::Acquire) > 0, |ring: &Weak<Slots>| {
-                let Some(s) = ring.upgrade().filter(|s| !s.ahead_failed.load(Ordering::Acquire)) else {
-                    return Ring::Gone;
-                };
-                match s.locks.next() {
-                    Some(slot) => Ring::Lock { held: s.held.load(Ordering::Acquire), slot, ring: s },
-                    None if s.locks.count() == s.locks.len() => Ring::Gone,
-                    None => Ring::Busy,
+            loop {
+                match choose(&mut queue, HELD.load(Ordering::Acquire) > 0, look_at) {
+                    Next::Lock(s, slot) => break Some((s, slot)),
+                    Next::Later => {
+                        LOCKER_WAITS.wait_for(&mut queue, RECHECK);
+                    }
+                    Next::Nothing => {
+                        queue.stop();
+                        break None;
+                    }
                 }
-            });
-            if next.is_none() {
-                queue.stop();
             }
-            next
         };
         let Some((s, slot)) = next else { return };
         match s.locks.lock_unclaimed(slot, || s.lock_slot(slot)) {
@@ -333,6 +355,17 @@ fn lock_while_doable() {
                 s.ahead_failed.store(true, Ordering::Release);
             }
         }
+    }
+}
+
+fn look_at(ring: &Weak<Slots>) -> Ring<Arc<Slots>> {
+    let Some(s) = ring.upgrade().filter(|s| !s.ahead_failed.load(Ordering::Acquire)) else {
+        return Ring::Gone;
+    };
+    match s.locks.next() {
+        Some(slot) => Ring::Lock { held: s.held.load(Ordering::Acquire), slot, ring: s },
+        None if s.locks.count() == s.locks.len() => Ring::Gone,
+        None => Ring::Busy,
     }
 }
 
@@ -349,10 +382,19 @@ enum Ring<R> {
     },
 }
 
+/// What the locker does next.
+#[derive(Debug, PartialEq)]
+enum Next<R> {
+    Lock(R, usize),
+    /// Only idle rings wait, while a ring is held.
+    Later,
+    Nothing,
+}
+
 /// The locker's next slot: one of a ring a comm holds, else, while no comm holds any (`traffic`
 /// false), one of an idle ring, whose locking would otherwise hold the driver against the held
 /// rings' copies. Oldest ring first; gone rings leave the queue.
-fn choose<T, R>(queue: &mut WorkQueue<T>, traffic: bool, look: impl Fn(&T) -> Ring<R>) -> Option<(R, usize)> {
+fn choose<T, R>(queue: &mut WorkQueue<T>, traffic: bool, look: impl Fn(&T) -> Ring<R>) -> Next<R> {
     let look = &look;
     let pass = |held_only: bool| {
         move |item: &T| match look(item) {
@@ -362,7 +404,14 @@ fn choose<T, R>(queue: &mut WorkQueue<T>, traffic: bool, look: impl Fn(&T) -> Ri
             Ring::Lock { .. } => Look::Skip,
         }
     };
-    queue.find(pass(true)).or_else(|| if traffic { None } else { queue.find(pass(false)) })
+    if let Some((ring, slot)) = queue.find(pass(true)) {
+        return Next::Lock(ring, slot);
+    }
+    match queue.find(pass(false)) {
+        Some((ring, slot)) if !traffic => Next::Lock(ring, slot),
+        Some(_) => Next::Later,
+        None => Next::Nothing,
+    }
 }
 
 /// Slots the process's locker has locked ahead of their first copy so far.
@@ -374,7 +423,7 @@ pub fn locked_ahead() -> u64 {
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    use super::{Ring, SlotLocks, choose};
+    use super::{Next, Ring, SlotLocks, choose};
     use crate::error::Error;
     use crate::threads::WorkQueue;
 
@@ -414,15 +463,20 @@ mod tests {
         for f in [Fake::Gone, Fake::Idle(7), Fake::Busy, Fake::Held(3), Fake::Held(5)] {
             queue.push(f);
         }
-        assert_eq!(choose(&mut queue, true, look), Some(('h', 3)), "the oldest held ring, before older idle ones");
-        assert_eq!(choose(&mut queue, false, look), Some(('h', 3)), "held first without traffic too");
+        assert_eq!(choose(&mut queue, true, look), Next::Lock('h', 3), "the oldest held ring, before older idle ones");
+        assert_eq!(choose(&mut queue, false, look), Next::Lock('h', 3), "held first without traffic too");
         assert_eq!(queue.abandon(), 4, "the gone ring left the queue");
         for f in [Fake::Busy, Fake::Idle(7), Fake::Idle(2)] {
             queue.push(f);
         }
-        assert_eq!(choose(&mut queue, true, look), None, "idle rings wait while a ring is held");
-        assert_eq!(choose(&mut queue, false, look), Some(('i', 7)), "and are locked once none is");
+        assert_eq!(choose(&mut queue, true, look), Next::Later, "idle rings wait while a ring is held");
+        assert_eq!(choose(&mut queue, false, look), Next::Lock('i', 7), "and are locked once none is");
         assert_eq!(queue.abandon(), 3);
+        queue.push(Fake::Busy);
+        assert_eq!(choose(&mut queue, true, look), Next::Nothing, "copies lock the rest");
+        queue.push(Fake::Gone);
+        assert_eq!(choose(&mut queue, false, look), Next::Nothing);
+        assert_eq!(queue.abandon(), 1, "the gone ring left, the busy one waits");
     }
 
     /// A copy and the locker going at the same slots from both ends lock each exactly once, and

@@ -1,6 +1,8 @@
 //! Work served in turn by one thread that lives only while there is any: the process's background
 //! jobs (collapsing regions into huge pages, locking staging slots ahead of their first copy) each
 //! keep one of these under a lock and start a worker when [`WorkQueue::push`] says none serves it.
+//! A worker that chooses what to serve ([`WorkQueue::find`]) may also end with work left for
+//! later, and [`WorkQueue::wake`] starts the next one.
 
 use std::collections::VecDeque;
 
