@@ -607,12 +607,10 @@ impl Connection {
             if t.is_finished() {
                 break;
             }
-            let slice = match deadline {
+            let slice = match deadline.map(|end| end.saturating_duration_since(Instant::now())) {
                 None => WAIT_SLICE,
-                Some(end) => match end.checked_duration_since(Instant::now()) {
-                    Some(left) if !left.is_zero() => left.min(WAIT_SLICE),
-                    _ => break,
-                },
+                Some(left) if left.is_zero() => break,
+                Some(left) => left.min(WAIT_SLICE),
             };
             counted.looked();
             // A park cut short by the caller's own limit is not a wake-up that went missing.
