@@ -851,11 +851,7 @@ fn a_ring_locked_ahead_locks_every_slot() {
         wait_copied(&ring, slot, "copy out of a slot while the locker works");
     }
     assert_same(&dst.to_vec().unwrap(), &want, "device memory through slots locked meanwhile");
-    let deadline = Instant::now() + testkit::PATIENCE;
-    while ring.pinned_slots() < slots {
-        assert!(Instant::now() < deadline, "the locker left {} of {slots} slots", slots - ring.pinned_slots());
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
+    wait_all_locked(&ring, "the ring locked ahead");
     // The copies locked at most the two slots they took; the locker, from the last down, the rest
     // (the count is the process's: other tests' rings only add to it).
     let by_locker = locked_ahead() - before;
@@ -878,25 +874,17 @@ fn a_held_ring_is_locked_ahead_and_an_idle_one_waits_until_none_is_held() {
         return;
     }
     let gpu = Gpu::open(0).unwrap();
-    let (slot_size, slots) = (2 << 20, 8usize);
-    let idle = StagingRing::new(&gpu, slot_size, slots, 1).unwrap();
-    let held = StagingRing::new(&gpu, slot_size, slots, 1).unwrap();
+    let idle = StagingRing::new(&gpu, 2 << 20, 8, 1).unwrap();
+    let held = StagingRing::new(&gpu, 2 << 20, 8, 1).unwrap();
     held.hold(true);
     idle.lock_ahead();
     held.lock_ahead();
-    let until_locked = |ring: &StagingRing, what: &str| {
-        let deadline = Instant::now() + testkit::PATIENCE;
-        while ring.pinned_slots() < slots {
-            assert!(Instant::now() < deadline, "{what}: {} of {slots} slots left", slots - ring.pinned_slots());
-            std::thread::sleep(std::time::Duration::from_millis(1));
-        }
-    };
-    until_locked(&held, "the held ring");
+    wait_all_locked(&held, "the held ring");
     // Queued first, the idle ring had none of its slots taken: a ring was held before either was
     // queued (rings of other tests are dropped, and tests of this file run one at a time).
     assert_eq!(idle.pinned_slots(), 0, "the locker locked an idle ring while a ring was held");
     held.hold(false);
-    until_locked(&idle, "the idle ring, once no ring was held");
+    wait_all_locked(&idle, "the idle ring, once no ring was held");
 }
 
 /// Chunks of at most `slot` bytes made of consecutive pieces (none split), as `(first, end)` indices.
@@ -1005,6 +993,20 @@ fn ring_gathers_and_scatters_many_pieces_in_every_mode() {
                 assert_eq!(ring.segment_copies(), want, "{what}: the path each chunk took");
             }
         }
+    }
+}
+
+/// Waits, within the tests' patience, until every slot of `ring` is page-locked.
+fn wait_all_locked(ring: &uccl_tcpx::internal::cuda::StagingRing, what: &str) {
+    let deadline = Instant::now() + testkit::PATIENCE;
+    while ring.pinned_slots() < ring.slots() {
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {} of {} slots left unlocked",
+            ring.slots() - ring.pinned_slots(),
+            ring.slots()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
 }
 
