@@ -86,10 +86,13 @@ impl<R> Pool<R> {
         self.trim(now)
     }
 
-    /// An idle ring for a comm about to stage, the most recently used, if the pool holds one; else
-    /// the comm makes its own and reports it with [`Pool::made`].
-    pub(super) fn take(&mut self) -> Option<R> {
-        self.idle.pop_back().map(|(r, _)| r)
+    /// An idle ring for a comm about to stage, if the pool holds one: the one with the most slots
+    /// page-locked (`locked`), the most recently used of those; else the comm makes its own and
+    /// reports it with [`Pool::made`]. Rings made ahead are locked oldest first by the process's
+    /// locker, so a comm taking the newest, as the most recently used, took the one least locked.
+    pub(super) fn take(&mut self, locked: impl Fn(&R) -> usize) -> Option<R> {
+        let at = (0..self.idle.len()).max_by_key(|&at| (locked(&self.idle[at].0), at))?;
+        self.idle.remove(at).map(|(r, _)| r)
     }
 
     /// A comm made a ring of its own (the pool was empty).
@@ -248,7 +251,7 @@ mod tests {
             let now = t0 + gap * round;
             let mut held = Vec::new();
             for k in 0..8 {
-                held.push(pool.take().unwrap_or_else(|| {
+                held.push(pool.take(|_| 0).unwrap_or_else(|| {
                     pool.made(now);
                     100 + k
                 }));
@@ -273,13 +276,33 @@ mod tests {
         pool.warmed(1, t0);
         pool.comm_made();
         assert!(!pool.wants_ring(), "the bound of one is warm");
-        let first = pool.take().unwrap();
+        let first = pool.take(|_| 0).unwrap();
         pool.made(t0);
         let calm = t0 + CALM;
         assert!(pool.give(first, calm).is_empty() && pool.give(2, calm).is_empty());
         assert_eq!(pool.next_trim(calm), Some(LINGER));
         assert_eq!(pool.trim(calm + LINGER), vec![1], "the oldest idle ring goes first");
         assert_eq!(pool.counts(), (1, 1));
+    }
+
+    /// A comm takes the idle ring with the most slots locked, the most recently used of equals:
+    /// rings made ahead are locked oldest first, given-back ones are warmest last.
+    #[test]
+    fn a_comm_takes_the_most_locked_ring_then_the_most_recent() {
+        let (mut pool, now) = (Pool::<(u32, usize)>::new(4), Instant::now());
+        for ring in [(1, 8), (2, 3), (3, 0), (4, 0)] {
+            pool.comm_made();
+            pool.warmed(ring, now);
+        }
+        let locked = |r: &(u32, usize)| r.1;
+        assert_eq!(pool.take(locked), Some((1, 8)), "the oldest made ahead, locked furthest");
+        assert_eq!(pool.take(locked), Some((2, 3)));
+        assert_eq!(pool.take(locked), Some((4, 0)), "of equals, the back");
+        assert!(pool.give((1, 8), now).is_empty() && pool.give((5, 8), now).is_empty());
+        assert_eq!(pool.take(locked), Some((5, 8)), "of locked ones, the most recently given back");
+        assert_eq!(pool.take(locked), Some((1, 8)));
+        assert_eq!(pool.take(locked), Some((3, 0)));
+        assert_eq!(pool.take(locked), None);
     }
 
     /// Closing comms shrinks the bound; with no comm left every ring goes at once.
@@ -308,7 +331,7 @@ mod tests {
         let (mut pool, now) = (Pool::<u32>::new(0), Instant::now());
         pool.comm_made();
         assert!(!pool.wants_ring(), "nothing made ahead");
-        assert!(pool.take().is_none());
+        assert!(pool.take(|_| 0).is_none());
         pool.made(now);
         assert!(pool.give(7, now).is_empty());
         assert!(pool.trim(now + LINGER).is_empty(), "calm first");

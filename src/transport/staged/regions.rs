@@ -188,6 +188,7 @@ impl Staging {
                 Registered::Host { inner: inner.register(addr, len, kind)? }
             }
             MemKind::Cuda { device } => {
+                cuda::slots::traffic_coming();
                 cuda::driver().map_err(|e| e.context("cannot register GPU memory"))?;
                 let found = cuda::locate(addr, len)?;
                 if found != (Location::Device { ordinal: device }) {
@@ -320,7 +321,7 @@ impl Staging {
     /// none) when the comm holds none, given a lane of `device` where it has none.
     pub(super) fn ring(&mut self, inner: &mut dyn InnerRegistry, device: i32) -> Result<&mut StagingRing> {
         if self.ring.is_none() {
-            let pooled = self.setup.pool.lock().take();
+            let pooled = self.setup.pool.lock().take(StagingRing::pinned_slots);
             let ring = match pooled {
                 Some(ring) => {
                     count(&COUNTS.taken, 1);
