@@ -144,6 +144,9 @@ events! {
     DeviceIssued = "device_issued", DEVICE { conn, side, transfer, write, bytes, batches, entered, asks, ask_ns };
     /// A batch of the transfer was seen finished (`by`: `SeenBy`).
     DeviceSeen = "device_seen", DEVICE { conn, side, transfer, by };
+    /// An ask to the owner for region `region`'s grant (by a transfer or `prepare`): sent at
+    /// `asked`, answered at `answered`, the allocation mapped at the event (0: not granted).
+    DeviceAsked = "device_asked", DEVICE { conn, side, region, asked, answered, granted };
 
     /// Staged comm `comm` (`send` 1 or receive) accepted chunk `chunk` of `bytes`; `staged` 1 when
     /// it goes through a pinned slot.

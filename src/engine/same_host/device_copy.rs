@@ -746,6 +746,7 @@ pub(crate) trait DevicePath: Conn {
     /// Asks the owner for a grant covering `segs` of `key` and maps what it grants. Blocks for
     /// the owner's answer (one round trip, once per region and token), at most the stall timeout.
     fn ask(&self, key: GrantKey, segs: &[RemoteSeg], gpu: &Arc<Gpu>) -> Result<Asked> {
+        let asked = trace::on(trace::DEVICE).then(clock_ns);
         let id = {
             let mut inner = self.lock();
             inner.check_open()?;
@@ -771,13 +772,25 @@ pub(crate) trait DevicePath: Conn {
                 return Err(unanswered(key, self.core().config.timeout));
             }
         };
+        let answered = asked.map(|_| clock_ns());
+        let traced = |granted: bool| {
+            if let (Some(asked), Some(answered)) = (asked, answered) {
+                let (conn, side) = (self.trace().conn, self.trace().side);
+                let (region, granted) = (key.0, u64::from(granted));
+                trace::event!(DeviceAsked { conn, side, region, asked, answered, granted });
+            }
+        };
         let (handle, alloc_base, alloc_len) = match answer {
             Answer::Refused(e) if e.status() == UcclStatus::ErrNotSupported => {
+                traced(false);
                 log::debug!("memory region {} of the peer has no IPC path: {}", key.0, e.message());
                 inner.ipc().mark_unavailable(key);
                 return Ok(Asked::Unavailable);
             }
-            Answer::Refused(e) => return Ok(Asked::Refused(e)),
+            Answer::Refused(e) => {
+                traced(false);
+                return Ok(Asked::Refused(e));
+            }
             Answer::Granted { handle, alloc_base, alloc_len } => (handle, alloc_base, alloc_len),
         };
         drop(inner);
@@ -786,6 +799,7 @@ pub(crate) trait DevicePath: Conn {
         let mut inner = self.lock();
         let attached = mapped.and_then(|m| inner.ipc().attach(key, &handle, m));
         if let Err(e) = attached {
+            traced(false);
             log::warn!(
                 "cannot map the peer's GPU allocation of region {} at {alloc_base:#x} (+{alloc_len}) into GPU {}: \
                  {e}; its transfers take the network path",
@@ -795,6 +809,7 @@ pub(crate) trait DevicePath: Conn {
             inner.ipc().mark_unavailable(key);
             return Ok(Asked::Unavailable);
         }
+        traced(true);
         Ok(Asked::Granted)
     }
 
