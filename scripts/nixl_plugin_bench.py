@@ -41,6 +41,7 @@ usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,
        nixl_plugin_bench.py --kv 8x1024x128x16K --kv-all-to-all G [--kv-requests N] [--vram 0,0] ...
        nixl_plugin_bench.py --sglang 24x3x24x64K [--rounds N] [--setups tcpx-net,tcpx-local,ucx] [--vram I,T]
                             [--sglang-settle S] [--sglang-registered S] [--sglang-switch S]
+                            [--sglang-sync strict|rw]
        nixl_plugin_bench.py --breakdown [--bench PATH] [--rounds N] [--sizes 4K,1M] [--vram I,T]
                             [--initiator-param UCCL_TCPX_CONTROL_SPIN_US=0 ...]
 """
@@ -175,7 +176,8 @@ def make_agent(name, setup, gpu, sglang=False, initiator=False):
     if sglang:
         # As SGLang's NixlKVManager: STRICT, for its transfer threads share the prefill agent
         # (without a listen thread NIXL would take NONE), and 8 threads for the prefill's UCX.
-        config = nixl_agent_config(backends=[], sync_mode=nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT)
+        sync = nixl_thread_sync_t.NIXL_THREAD_SYNC_RW if SG_SYNC == "rw" else nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+        config = nixl_agent_config(backends=[], sync_mode=sync)
         if backend == "UCX" and name == "initiator":
             params.setdefault("num_threads", "8")
     agent = nixl_agent(name, config)
@@ -1260,6 +1262,9 @@ SG_REGISTERED_S = 0.0  # --sglang-registered: seconds from registering the KV to
 # ours return within microseconds: traced on one GPU, three of the four threads' first rooms entered
 # the engine 3.4 ms late, while the fourth pushed six rooms.
 SG_SWITCH_S = None
+# --sglang-sync: the prefill agent's NIXL thread sync mode; SGLang's is STRICT (one lock around
+# every agent call), RW lets makeXferReq and its like run side by side.
+SG_SYNC = "strict"
 
 
 def sg_pattern(nbytes, region):
@@ -1520,6 +1525,7 @@ def sglang_main(shape, setups, rounds, json_path=None):
         "last chunk's DONE; first room: room 0 over the round's room p50 (fresh peer); threads' first: the "
         "slowest of rooms 0-3 (each thread's first) over the p50; x ucx: ucx's run over this one's"
         + (f"; switch interval {SG_SWITCH_S * 1e3:g} ms" if SG_SWITCH_S is not None else "")
+        + ("; the prefill agent in NIXL's RW sync mode" if SG_SYNC == "rw" else "")
     )
     got = {}  # setup -> [(run s, [room s])] over rounds
     for r in range(rounds):
@@ -1584,6 +1590,8 @@ def main():
     ap.add_argument("--sglang-switch", type=float, metavar="S",
                     help="with --sglang: the initiator's Python switch interval (sys.setswitchinterval; "
                          "default the interpreter's, 5 ms)")
+    ap.add_argument("--sglang-sync", choices=["strict", "rw"], default="strict",
+                    help="with --sglang: the prefill agent's NIXL thread sync mode (default strict, as SGLang)")
     ap.add_argument("--breakdown", action="store_true", help="where a request's time goes (--sizes default 4K,1M)")
     ap.add_argument("--bench", metavar="PATH", help="with --breakdown: uccl-tcpx-bench, run in every round")
     ap.add_argument("--initiator-param", metavar="KEY=VALUE", action="append", default=[],
@@ -1653,7 +1661,8 @@ def main():
             ap.error("--sglang-settle and --sglang-registered take seconds, 0 or more")
         if args.sglang_switch is not None and args.sglang_switch <= 0:
             ap.error("--sglang-switch takes seconds, more than 0")
-        global SG_SETTLE_S, SG_REGISTERED_S, SG_SWITCH_S
+        global SG_SETTLE_S, SG_REGISTERED_S, SG_SWITCH_S, SG_SYNC
+        SG_SYNC = args.sglang_sync
         SG_SETTLE_S, SG_REGISTERED_S = args.sglang_settle, args.sglang_registered
         if args.sglang_switch is not None:
             SG_SWITCH_S = args.sglang_switch
