@@ -40,7 +40,7 @@ usage: nixl_plugin_bench.py [--rounds N] [--sizes 4K,1M,64M] [--setups tcpx-net,
        nixl_plugin_bench.py --kv 8x1024x256x16K --kv-readers N [--reader-gpus 1,2,3] [--kv-requests N] [--vram I,T] ...
        nixl_plugin_bench.py --kv 8x1024x128x16K --kv-all-to-all G [--kv-requests N] [--vram 0,0] ...
        nixl_plugin_bench.py --sglang 24x3x24x64K [--rounds N] [--setups tcpx-net,tcpx-local,ucx] [--vram I,T]
-                            [--sglang-settle S] [--sglang-registered S] [--sglang-switch S]
+                            [--sglang-settle S] [--sglang-registered S]
                             [--sglang-sync strict|rw]
        nixl_plugin_bench.py --breakdown [--bench PATH] [--rounds N] [--sizes 4K,1M] [--vram I,T]
                             [--initiator-param UCCL_TCPX_CONTROL_SPIN_US=0 ...]
@@ -1257,11 +1257,6 @@ SG_WAIT_S = 120
 SG_RANK = 0
 SG_SETTLE_S = 0.0  # --sglang-settle: seconds from add_remote_agent to the first room
 SG_REGISTERED_S = 0.0  # --sglang-registered: seconds from registering the KV to add_remote_agent
-# --sglang-switch: the initiator's sys.setswitchinterval. A thread waiting for the GIL takes it from
-# one that keeps reacquiring it (every NIXL call releases it) only once this interval passed, and
-# ours return within microseconds: traced on one GPU, three of the four threads' first rooms entered
-# the engine 3.4 ms late, while the fourth pushed six rooms.
-SG_SWITCH_S = None
 # --sglang-sync: the prefill agent's NIXL thread sync mode; SGLang's is STRICT (one lock around
 # every agent call), RW lets makeXferReq and its like run side by side.
 SG_SYNC = "strict"
@@ -1524,7 +1519,6 @@ def sglang_main(shape, setups, rounds, json_path=None):
         "make_prepped_xfer to the last notification in; room: its first chunk's make_prepped_xfer to its "
         "last chunk's DONE; first room: room 0 over the round's room p50 (fresh peer); threads' first: the "
         "slowest of rooms 0-3 (each thread's first) over the p50; x ucx: ucx's run over this one's"
-        + (f"; switch interval {SG_SWITCH_S * 1e3:g} ms" if SG_SWITCH_S is not None else "")
         + ("; the prefill agent in NIXL's RW sync mode" if SG_SYNC == "rw" else "")
     )
     got = {}  # setup -> [(run s, [room s])] over rounds
@@ -1587,9 +1581,6 @@ def main():
     ap.add_argument("--sglang-registered", type=float, default=0.0, metavar="S",
                     help="with --sglang: seconds between registering the prefill side's KV and loading "
                          "the peer (default 0)")
-    ap.add_argument("--sglang-switch", type=float, metavar="S",
-                    help="with --sglang: the initiator's Python switch interval (sys.setswitchinterval; "
-                         "default the interpreter's, 5 ms)")
     ap.add_argument("--sglang-sync", choices=["strict", "rw"], default="strict",
                     help="with --sglang: the prefill agent's NIXL thread sync mode (default strict, as SGLang)")
     ap.add_argument("--breakdown", action="store_true", help="where a request's time goes (--sizes default 4K,1M)")
@@ -1659,14 +1650,9 @@ def main():
             ap.error(str(e))
         if min(args.sglang_settle, args.sglang_registered) < 0:
             ap.error("--sglang-settle and --sglang-registered take seconds, 0 or more")
-        if args.sglang_switch is not None and args.sglang_switch <= 0:
-            ap.error("--sglang-switch takes seconds, more than 0")
-        global SG_SETTLE_S, SG_REGISTERED_S, SG_SWITCH_S, SG_SYNC
+        global SG_SETTLE_S, SG_REGISTERED_S, SG_SYNC
         SG_SYNC = args.sglang_sync
         SG_SETTLE_S, SG_REGISTERED_S = args.sglang_settle, args.sglang_registered
-        if args.sglang_switch is not None:
-            SG_SWITCH_S = args.sglang_switch
-            sys.setswitchinterval(SG_SWITCH_S)
         sglang_main(shape, sg_setups, args.rounds, args.json)
         return
     if args.breakdown:
