@@ -174,8 +174,9 @@ def make_agent(name, setup, gpu, sglang=False, initiator=False):
         params.update(INITIATOR_PARAMS)
     config = nixl_agent_config(backends=[])
     if sglang:
-        # As SGLang's NixlKVManager: STRICT, for its transfer threads share the prefill agent
-        # (without a listen thread NIXL would take NONE), and 8 threads for the prefill's UCX.
+        # As SGLang's NixlKVManager: STRICT (unless --sglang-sync rw), for its transfer threads
+        # share the prefill agent (without a listen thread NIXL would take NONE), and 8 threads
+        # for the prefill's UCX.
         sync = nixl_thread_sync_t.NIXL_THREAD_SYNC_RW if SG_SYNC == "rw" else nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
         config = nixl_agent_config(backends=[], sync_mode=sync)
         if backend == "UCX" and name == "initiator":

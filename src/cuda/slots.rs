@@ -22,7 +22,7 @@
 //! ring until its first chunk posts, while its GPU registrations (each asks the driver where the
 //! memory lies) come first, so idle rings also wait for a while after a staged comm registers GPU
 //! memory ([`traffic_coming`]); and a comm takes the idle ring locked furthest (the pool's
-//! `take`), not the newest made, which the locker reaches last: 1.3-1.8x.
+//! `take`), not the newest made, which the locker reaches last: 1.2-1.8x.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock, Weak};
