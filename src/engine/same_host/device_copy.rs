@@ -772,9 +772,9 @@ pub(crate) trait DevicePath: Conn {
                 return Err(unanswered(key, self.core().config.timeout));
             }
         };
-        let answered = asked.map(|_| clock_ns());
+        let asked = asked.map(|at| (at, clock_ns()));
         let traced = |granted: bool| {
-            if let (Some(asked), Some(answered)) = (asked, answered) {
+            if let Some((asked, answered)) = asked {
                 let (conn, side) = (self.trace().conn, self.trace().side);
                 let (region, granted) = (key.0, u64::from(granted));
                 trace::event!(DeviceAsked { conn, side, region, asked, answered, granted });
